@@ -1,0 +1,106 @@
+"""The SRA objective for SiT: flow-matching denoising loss + self-representation alignment.
+
+The student sees x_t at time t and its block `block_out_s` features (through the ap_head) are
+pulled toward the EMA teacher's raw block `block_out_t` features at the less noisy time
+t_teacher = clamp(t - t_max * u, 0, 1), u ~ U(0, 1), built from the same data and noise.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from path import interpolant
+
+LOSS_TYPES = ("sml1", "l2", "l1", "cos")
+
+
+def mean_flat(x):
+    """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def alignment(h_student, h_teacher, loss_type):
+    """Alignment loss between (N, T, D) features: a scalar, or (N, D) for 'cos'.
+
+    'cos' is PyTorch's default cosine similarity over dim=1, i.e. over the TOKEN axis (one
+    similarity per channel), which is what the released code computes.
+    """
+    if loss_type == "sml1":
+        return F.smooth_l1_loss(h_student, h_teacher, beta=0.05)
+    if loss_type == "l2":
+        return F.mse_loss(h_student, h_teacher)
+    if loss_type == "l1":
+        return F.l1_loss(h_student, h_teacher)
+    if loss_type == "cos":
+        return 1 - F.cosine_similarity(h_student, h_teacher)
+    raise ValueError(f"unknown loss type {loss_type!r}: use one of {LOSS_TYPES}")
+
+
+def align_weight(loss_type, epoch, resolution, base=2.0):
+    """Weight of the alignment loss at `epoch` (0-based): constant 0.5 for 'cos', else `base`
+    decayed by 10x over 1000 epochs after epoch 149 (256 px) or 800 epochs after 99 (512 px)."""
+    if loss_type == "cos":
+        return 0.5
+    start, length = (99, 800) if resolution >= 512 else (149, 1000)
+    exponent = (epoch - start) / length + 1 if epoch > start else 1
+    return base * 0.1 ** exponent
+
+
+class SRALoss:
+    """loss_fn(model, x0, teacher, y) -> (denoising (N,), alignment as `alignment` returns it).
+
+    teacher: the EMA model, or None for the no-SRA baseline (alignment 0, no teacher forward).
+
+    Random draws, in this order (same seed, same losses as the released code):
+    t and t_teacher on the CPU default generator, then the noise and the class dropout on x0's device.
+    """
+
+    def __init__(self, prediction="v", path_type="linear", weighting="uniform", block_out_s=8, block_out_t=20,
+                 t_max=0.2, loss_type="sml1", cfg_prob=0.1, num_classes=1000):
+        if prediction != "v":
+            raise ValueError(f"prediction {prediction!r} is not supported: SiT-SRA predicts the velocity 'v'")
+        if weighting not in ("uniform", "lognormal"):
+            raise ValueError(f"unknown weighting {weighting!r}: use 'uniform' or 'lognormal'")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {loss_type!r}: use one of {LOSS_TYPES}")
+        interpolant(0.0, path_type)
+        self.path_type = path_type
+        self.weighting = weighting
+        self.block_out_s = block_out_s
+        self.block_out_t = block_out_t
+        self.t_max = t_max
+        self.loss_type = loss_type
+        self.cfg_prob = cfg_prob
+        self.num_classes = num_classes
+
+    def sample_times(self, batch_size):
+        """Student and teacher times (N, 1, 1, 1) on the CPU; the teacher's are never noisier."""
+        if self.weighting == "uniform":
+            t = torch.rand(batch_size, 1, 1, 1)
+        else:
+            sigma = torch.randn(batch_size, 1, 1, 1).exp()
+            t = sigma / (1 + sigma) if self.path_type == "linear" else 2 / math.pi * torch.atan(sigma)
+        t_teacher = torch.clamp(t - self.t_max * torch.rand_like(t), 0, 1)
+        return t, t_teacher
+
+    def __call__(self, model, x0, teacher, y):
+        t, t_teacher = (s.to(device=x0.device, dtype=x0.dtype) for s in self.sample_times(x0.shape[0]))
+        noise = torch.randn_like(x0)
+        alpha, sigma, d_alpha, d_sigma = interpolant(t, self.path_type)
+        x_t = alpha * x0 + sigma * noise
+        target = d_alpha * x0 + d_sigma * noise
+        alpha_teacher, sigma_teacher, _, _ = interpolant(t_teacher, self.path_type)
+        x_teacher = alpha_teacher * x0 + sigma_teacher * noise
+
+        if self.cfg_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.cfg_prob
+            y = torch.where(drop, self.num_classes, y)
+
+        if teacher is None:  # the no-SRA baseline: plain flow matching
+            prediction = model(x_t, t.flatten(), y)
+            return mean_flat((prediction - target) ** 2), torch.zeros((), device=x0.device)
+        prediction, h_student = model(x_t, t.flatten(), y, align_depth=self.block_out_s)
+        with torch.no_grad():
+            h_teacher = teacher.features(x_teacher, t_teacher.flatten(), y, depth=self.block_out_t)
+        denoising = mean_flat((prediction - target) ** 2)
+        return denoising, alignment(h_student, h_teacher, self.loss_type)

@@ -1,0 +1,386 @@
+"""Trains SiT with Self-Representation Alignment on preprocessed ImageNet latents.
+
+    cd SiT-SRA
+    accelerate launch --config_file configs/default.yaml train.py \
+        --model SiT-XL/2 --resolution 256 --batch-size 32 --mixed-precision fp16 \
+        --block-out-s 8 --block-out-t 20 --t-max 0.2 --data-dir DATA --exp-name sitxl-sra
+
+Writes output-dir/exp-name/{args.json, log.txt, losses.jsonl, checkpoints/, samples/}.
+Resume exactly with `--resume-ckpt latest` (or a checkpoint path); SIGTERM/SIGINT save and exit.
+"""
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from dataset import LatentDataset, sample_posterior
+from loss import LOSS_TYPES, SRALoss, align_weight
+from models import SiT_models
+from samplers import euler_sampler
+from utils import (UserError, check_writable, decode_to_uint8, load_checkpoint, load_vae, load_weights, run_main,
+                   save_atomic, save_image_grid)
+
+ALIGN_BASE_WEIGHT = 2.0  # SiT's alignment weight before decay (SPEC section 4)
+EMA_DECAY = 0.9999
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # logging and checkpoints
+    p.add_argument("--output-dir", default="exps")
+    p.add_argument("--exp-name", required=True)
+    p.add_argument("--logging-dir", default="logs", help="tracker folder inside output-dir")
+    p.add_argument("--report-to", default=None, help="tracker for accelerate, e.g. wandb")
+    p.add_argument("--resume-ckpt", default=None, help="checkpoint path, or 'latest' of this experiment")
+    p.add_argument("--sample-steps", type=int, default=10000, help="sample a 64-image grid every N steps (0: never)")
+    p.add_argument("--checkpoint-steps", type=int, default=50000)
+    p.add_argument("--checkpoint-epochs", type=int, default=200)
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the K newest step checkpoints (0: all)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between host syncs for logging and checks")
+    p.add_argument("--max-train-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=801)
+    # model
+    p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
+    # data
+    p.add_argument("--data-dir", "--data-dir-train", dest="data_dir", required=True,
+                   help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder (for sample grids)")
+    # precision and optimisation
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-weight-decay", type=float, default=0.0)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss to skip before stopping")
+    # loss
+    p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
+    p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")
+    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--prediction", choices=["v"], default="v")
+    p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform")
+    p.add_argument("--block-out-s", type=int, default=8, help="student block whose features are aligned")
+    p.add_argument("--block-out-t", type=int, default=20, help="EMA-teacher block giving the target features")
+    p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
+    p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
+    return p.parse_args(argv)
+
+
+class EpochBatchSampler(Sampler):
+    """This process's batches of one epoch: a permutation seeded by (seed, epoch), cut into global
+    batches (the last partial one dropped), of which this process takes its slice. `set_epoch`
+    can start inside an epoch, which is how a resumed run continues at the exact batch."""
+
+    def __init__(self, num_items, batch_size, rank, world_size, seed):
+        self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
+            num_items, batch_size, rank, world_size, seed)
+        self.global_batch = batch_size * world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.num_items // self.global_batch - self.start_batch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for b in range(self.start_batch, self.num_items // self.global_batch):
+            start = b * self.global_batch + self.rank * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                       for k, v in np.random.get_state(legacy=False)["state"].items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {k: v.numpy() if isinstance(v, torch.Tensor) else v
+                                   for k, v in state["numpy"].items()}})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@torch.no_grad()
+def update_ema(ema_params, model_params, decay=EMA_DECAY):
+    """ema = decay * ema + (1 - decay) * param, for all parameters at once."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
+
+
+class StopRequest:
+    """Remembers SIGTERM / SIGINT so the loop can finish its step, checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator, at_sync_point):
+        """One process stops at once; several agree at sync points, so all stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if not at_sync_point:
+            return False
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def resolve_resume(resume, checkpoint_dir):
+    if resume != "latest":
+        return Path(resume)
+    pointer = checkpoint_dir / "latest"
+    if not pointer.is_file():
+        raise UserError(f"--resume-ckpt latest: no checkpoint in {checkpoint_dir} yet")
+    return checkpoint_dir / pointer.read_text().strip()
+
+
+def main(args):
+    # ---------------------------------------------------------------- setup
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=args.no_sra)
+    exp_dir = Path(args.output_dir) / args.exp_name
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
+        kwargs_handlers=[ddp_kwargs],
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != accelerator.num_processes:
+        raise UserError(f"WORLD_SIZE={world_size} but accelerate runs {accelerator.num_processes} process(es): "
+                        "on a machine without GPUs set ACCELERATE_USE_CPU=true")
+    device, rank, is_main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    checkpoint_dir, sample_dir = exp_dir / "checkpoints", exp_dir / "samples"
+    if is_main:
+        for folder in (exp_dir, checkpoint_dir, sample_dir):
+            check_writable(folder, "--output-dir")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(exp_dir / "log.txt")] if is_main
+                        else [logging.NullHandler()])
+    logger = logging.getLogger("train")
+    set_seed(args.seed + rank)
+
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 8 (the VAE's downsampling)")
+    latent_size = args.resolution // 8
+    try:
+        model = SiT_models[args.model](input_size=latent_size, num_classes=args.num_classes,
+                                       class_dropout_prob=args.cfg_prob, fused_attn=args.fused_attn,
+                                       qk_norm=args.qk_norm)
+    except ValueError as e:
+        raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
+    if not args.no_sra:
+        for flag, depth in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
+            if not 1 <= depth <= model.depth:
+                raise UserError(f"{flag} {depth} is outside 1..{model.depth}, the depth of {args.model}")
+        if args.block_out_s >= args.block_out_t:
+            raise UserError(f"--block-out-s {args.block_out_s} must be shallower than --block-out-t {args.block_out_t}")
+    ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
+
+    dataset = LatentDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes)
+    global_batch = args.batch_size * accelerator.num_processes
+    if len(dataset) < global_batch * args.gradient_accumulation_steps:
+        raise UserError(f"--data-dir {args.data_dir}: {len(dataset)} items, fewer than one global batch of "
+                        f"{global_batch * args.gradient_accumulation_steps}")
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, rank, accelerator.num_processes, args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=args.num_workers > 0)
+    batches_per_epoch = len(dataset) // global_batch
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+
+    # ---------------------------------------------------------------- resume
+    steps, epoch, batch_in_epoch, nonfinite_skipped = 0, 0, 0, 0
+    if args.resume_ckpt:
+        path = resolve_resume(args.resume_ckpt, checkpoint_dir)
+        ckpt = load_checkpoint(path, "--resume-ckpt")
+        hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
+        load_weights(model, ckpt["model"], f"--resume-ckpt {path}", hint)
+        load_weights(ema, ckpt["ema"], f"--resume-ckpt {path}", hint)
+        optimizer.load_state_dict(ckpt["opt"])
+        steps, epoch = ckpt["steps"], ckpt["epoch"]
+        batch_in_epoch, nonfinite_skipped = ckpt.get("batch_in_epoch", 0), ckpt.get("nonfinite_skipped", 0)
+        if "rng" in ckpt:
+            if len(ckpt["rng"]) != accelerator.num_processes:
+                raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
+                                "the same number for an exact resume")
+            set_rng_state(ckpt["rng"][rank])
+        logger.info(f"resumed from {path} at step {steps} (epoch {epoch}, batch {batch_in_epoch})")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.resume_ckpt and accelerator.scaler is not None and ckpt.get("scaler"):
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    raw_model = accelerator.unwrap_model(model)
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+    teacher = None if args.no_sra else ema
+    loss_fn = SRALoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
+                      block_out_s=args.block_out_s, block_out_t=args.block_out_t, t_max=args.t_max,
+                      loss_type=args.loss_type, cfg_prob=args.cfg_prob, num_classes=args.num_classes)
+
+    vae, grid_noise, grid_labels = None, None, None
+    if args.sample_steps > 0:
+        vae = load_vae(args.vae, device)
+        # The grid's noise and labels have their own generator, so sampling never shifts training's draws.
+        grid_gen = torch.Generator().manual_seed(args.seed)
+        grid_noise = torch.randn(64, 4, latent_size, latent_size, generator=grid_gen).chunk(accelerator.num_processes)
+        grid_labels = torch.randint(0, args.num_classes, (64,), generator=grid_gen).chunk(accelerator.num_processes)
+
+    if is_main:
+        (exp_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        logger.info(f"{args.model}: {sum(p.numel() for p in model_params):,} parameters; {len(dataset):,} items; "
+                    f"{steps_per_epoch} steps per epoch; {accelerator.num_processes} process(es)")
+        accelerator.init_trackers("SRA", config=vars(args), init_kwargs={"wandb": {"name": args.exp_name}})
+    loss_log = exp_dir / "losses.jsonl"
+    if is_main:  # a resumed run rewrites the log from its checkpoint on: the log matches an uninterrupted run
+        kept = [line for line in (loss_log.read_text().splitlines() if loss_log.exists() else [])
+                if json.loads(line)["step"] <= steps]
+        loss_log.write_text("".join(line + "\n" for line in kept))
+
+    # ---------------------------------------------------------------- helpers of the loop
+    pending = []  # per-step device tensors (denoising, align, grad norm), read at the next sync
+
+    def flush_log():
+        """The one host sync of the loop: writes the pending steps' losses, checks they are finite."""
+        nonlocal nonfinite_skipped
+        if not pending:
+            return
+        values = torch.stack([torch.stack(v) for _, _, v in pending]).float()
+        values = accelerator.reduce(values.to(device), reduction="mean").cpu().tolist()
+        records = [{"step": s, "epoch": e, "loss": d, "align_loss": a, "grad_norm": g}
+                   for (s, e, _), (d, a, g) in zip(pending, values)]
+        pending.clear()
+        bad = [r for r in records if not np.isfinite([r["loss"], r["align_loss"]]).all()]
+        nonfinite_skipped += len(bad)
+        if is_main:
+            with loss_log.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            last = records[-1]
+            progress.set_postfix(gen_loss=f"{last['loss']:.4f}", align_loss=f"{last['align_loss']:.4f}")
+            accelerator.log({k: last[k] for k in ("loss", "align_loss", "grad_norm")}, step=last["step"])
+        if bad and nonfinite_skipped > args.skip_nonfinite:
+            r = bad[0]
+            raise UserError(f"non-finite loss at step {r['step']}: denoising loss {r['loss']}, alignment loss "
+                            f"{r['align_loss']} (the step was not applied; allow skipping with --skip-nonfinite)")
+        if bad:
+            logger.info(f"skipped {len(bad)} non-finite step(s) at {[r['step'] for r in bad]}")
+
+    def save_checkpoint(name, keep_last=0):
+        flush_log()
+        rngs = gather_object([rng_state()])
+        if is_main:
+            ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                    "args": args, "epoch": epoch, "steps": steps, "batch_in_epoch": batch_in_epoch,
+                    "nonfinite_skipped": nonfinite_skipped, "rng": rngs,
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            save_atomic(ckpt, checkpoint_dir / name)
+            (checkpoint_dir / ".latest.tmp").write_text(name)
+            os.replace(checkpoint_dir / ".latest.tmp", checkpoint_dir / "latest")
+            if keep_last > 0:
+                old = sorted(checkpoint_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-keep_last]
+                for p in old:
+                    p.unlink()
+            logger.info(f"saved checkpoint {checkpoint_dir / name}")
+        accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def sample_grid():
+        cfg_scale = 4.0 if args.cfg_prob > 0 else 1.0
+        with accelerator.autocast():
+            latents = euler_sampler(ema, grid_noise[rank].to(device), grid_labels[rank].to(device), num_steps=50,
+                                    cfg_scale=cfg_scale, path_type=args.path_type, null_class=args.num_classes)
+        images = gather_object([decode_to_uint8(vae, latents.float())])
+        if is_main:
+            save_image_grid(np.concatenate(images), sample_dir / f"step-{steps}.png")
+
+    # ---------------------------------------------------------------- training loop
+    stop = StopRequest()
+    max_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    progress = tqdm(total=max_steps, initial=steps, desc="steps", disable=not is_main)
+    inner = optimizer.optimizer
+    finished = steps >= max_steps
+    while not finished and epoch < args.epochs:
+        sampler.set_epoch(epoch, batch_in_epoch)
+        align_w = 0.0 if args.no_sra else align_weight(args.loss_type, epoch, args.resolution, ALIGN_BASE_WEIGHT)
+        for moments, labels in loader:
+            moments = moments.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with accelerator.accumulate(model):
+                x0 = sample_posterior(moments)
+                with accelerator.autocast():
+                    denoising, align = loss_fn(model, x0, teacher, labels)
+                    loss = denoising.mean() + align_w * align.mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if accelerator.scaler is None:  # fp16's GradScaler sets found_inf itself
+                        # A non-finite gradient skips the update inside the fused AdamW kernel, without a host sync.
+                        inner.found_inf = (~torch.isfinite(grad_norm)).float()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            update_ema(ema_params, model_params)
+            steps += 1
+            progress.update(1)
+            pending.append((steps, epoch, (denoising.detach().mean(), align.detach().mean(), grad_norm.detach())))
+            finished = steps >= max_steps
+            if steps % args.log_every == 0 or finished:
+                flush_log()
+            if vae is not None and steps % args.sample_steps == 0:
+                sample_grid()
+            if finished or steps % args.checkpoint_steps == 0:
+                save_checkpoint(f"step-{steps}.pt", args.keep_last)
+            if stop.agreed(accelerator, at_sync_point=steps % args.log_every == 0):
+                save_checkpoint(f"step-{steps}.pt", args.keep_last)
+                logger.info(f"stopped by a signal at step {steps}; resume with --resume-ckpt latest "
+                            f"--exp-name {args.exp_name} --output-dir {args.output_dir}")
+                return
+            if finished:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+            if epoch % args.checkpoint_epochs == 0:
+                save_checkpoint(f"epoch-{epoch}.pt")
+    flush_log()
+    progress.close()
+    accelerator.end_training()
+    logger.info(f"done: {steps} steps, checkpoints in {checkpoint_dir}")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse_args()))
