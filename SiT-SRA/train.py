@@ -111,22 +111,26 @@ class EpochBatchSampler(Sampler):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                       for k, v in np.random.get_state(legacy=False)["state"].items()}}
+    """Every RNG of this process, as plain Python objects (they travel through gather_object and
+    load with weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)["state"]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().numpy().tobytes(),
+             "numpy": {"key": numpy_state["key"].tolist(), "pos": numpy_state["pos"]}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
     return state
 
 
 def set_rng_state(state):
+    def as_tensor(data):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {k: v.numpy() if isinstance(v, torch.Tensor) else v
-                                   for k, v in state["numpy"].items()}})
+    torch.set_rng_state(as_tensor(state["torch"]))
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(state["numpy"]["key"], np.uint32),
+                                                             "pos": state["numpy"]["pos"]}})
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
 
 
 @torch.no_grad()
@@ -217,8 +221,11 @@ def main(args):
         raise UserError(f"--data-dir {args.data_dir}: {len(dataset)} items, fewer than one global batch of "
                         f"{global_batch * args.gradient_accumulation_steps}")
     sampler = EpochBatchSampler(len(dataset), args.batch_size, rank, accelerator.num_processes, args.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0)
+    # The loader's own generator keeps its worker seeds from drawing on the global RNG, which a
+    # resumed run restores exactly.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator())
     batches_per_epoch = len(dataset) // global_batch
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
 
@@ -233,11 +240,9 @@ def main(args):
         optimizer.load_state_dict(ckpt["opt"])
         steps, epoch = ckpt["steps"], ckpt["epoch"]
         batch_in_epoch, nonfinite_skipped = ckpt.get("batch_in_epoch", 0), ckpt.get("nonfinite_skipped", 0)
-        if "rng" in ckpt:
-            if len(ckpt["rng"]) != accelerator.num_processes:
-                raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
-                                "the same number for an exact resume")
-            set_rng_state(ckpt["rng"][rank])
+        if "rng" in ckpt and len(ckpt["rng"]) != accelerator.num_processes:
+            raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
+                            "the same number for an exact resume")
         logger.info(f"resumed from {path} at step {steps} (epoch {epoch}, batch {batch_in_epoch})")
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -326,6 +331,8 @@ def main(args):
             save_image_grid(np.concatenate(images), sample_dir / f"step-{steps}.png")
 
     # ---------------------------------------------------------------- training loop
+    if args.resume_ckpt and "rng" in ckpt:  # restored last, so that nothing above shifts the training draws
+        set_rng_state(ckpt["rng"][rank])
     stop = StopRequest()
     max_steps = args.max_train_steps or args.epochs * steps_per_epoch
     progress = tqdm(total=max_steps, initial=steps, desc="steps", disable=not is_main)
