@@ -338,9 +338,18 @@ def SiT_S_8(**kwargs):
     return SiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
 
 
+# Tiny configs beyond the paper's, for CPU demos and tests: DeiT-Ti width at half depth.
+def SiT_T_1(**kwargs):
+    return SiT(depth=6, hidden_size=192, patch_size=1, num_heads=3, **kwargs)
+
+def SiT_T_2(**kwargs):
+    return SiT(depth=6, hidden_size=192, patch_size=2, num_heads=3, **kwargs)
+
+
 SiT_models = {
     "SiT-XL/2": SiT_XL_2, "SiT-XL/4": SiT_XL_4, "SiT-XL/8": SiT_XL_8,
     "SiT-L/2": SiT_L_2, "SiT-L/4": SiT_L_4, "SiT-L/8": SiT_L_8,
     "SiT-B/2": SiT_B_2, "SiT-B/4": SiT_B_4, "SiT-B/8": SiT_B_8,
     "SiT-S/2": SiT_S_2, "SiT-S/4": SiT_S_4, "SiT-S/8": SiT_S_8,
+    "SiT-T/1": SiT_T_1, "SiT-T/2": SiT_T_2,
 }

@@ -211,7 +211,6 @@ def main(args):
                 raise UserError(f"{flag} {depth} is outside 1..{model.depth}, the depth of {args.model}")
         if args.block_out_s >= args.block_out_t:
             raise UserError(f"--block-out-s {args.block_out_s} must be shallower than --block-out-t {args.block_out_t}")
-    ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
 
@@ -236,7 +235,6 @@ def main(args):
         ckpt = load_checkpoint(path, "--resume-ckpt")
         hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
         load_weights(model, ckpt["model"], f"--resume-ckpt {path}", hint)
-        load_weights(ema, ckpt["ema"], f"--resume-ckpt {path}", hint)
         optimizer.load_state_dict(ckpt["opt"])
         steps, epoch = ckpt["steps"], ckpt["epoch"]
         batch_in_epoch, nonfinite_skipped = ckpt.get("batch_in_epoch", 0), ckpt.get("nonfinite_skipped", 0)
@@ -249,6 +247,11 @@ def main(args):
     if args.resume_ckpt and accelerator.scaler is not None and ckpt.get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     raw_model = accelerator.unwrap_model(model)
+    # The EMA teacher is copied after DDP broadcast rank 0's weights. Copied before, as in the
+    # released code, each process's teacher would start from its own random initialisation.
+    ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
+    if args.resume_ckpt:
+        load_weights(ema, ckpt["ema"], f"--resume-ckpt {path}", hint)
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
     teacher = None if args.no_sra else ema
     loss_fn = SRALoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,

@@ -93,6 +93,7 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is shared like any saved file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

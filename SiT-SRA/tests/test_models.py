@@ -7,7 +7,7 @@ import torch
 from models import SiT, SiT_models
 from utils import UserError, load_checkpoint, load_weights, model_state_dict
 
-CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 192, 3)}
 
 
 def expected_shapes(depth, d, patch, latent=32, num_classes=1000, c_in=4, c_out=4):
