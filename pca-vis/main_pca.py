@@ -1,0 +1,251 @@
+"""PCA of a SiT's intermediate features for one image: one row per noise level, one column per block.
+
+    cd pca-vis
+    python main_pca.py --ckpt CKPT.pt                        # an SRA (or our train.py) checkpoint
+    python main_pca.py --ckpt SiT-XL-2-256x256.pt --baseline  # an original SiT checkpoint
+
+The image is center-cropped to a square, resized to --resolution, VAE-encoded, noised to
+x_t = (1 - t) x + t noise for each --times, and run through the EMA model; the tokens after each
+block of --layers get a 3-component PCA shown as RGB. The model comes from ../SiT-SRA/models.py.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "SiT-SRA"))  # the model and helpers are SiT-SRA's, not a copy
+
+from models import SiT_models  # noqa: E402
+from utils import (LATENT_SCALE, UserError, check_writable, load_checkpoint, load_vae, load_weights,  # noqa: E402
+                   model_state_dict, run_main)
+
+DEFAULT_IMAGE = HERE / "assets" / "default.png"
+
+# Layout of the output grid, in pixels: a label row on top, a label column on the left, then
+# one TILE x TILE cell per (time, column) with GAP pixels after each cell (right and below).
+TILE = 128
+GAP = 4
+LABEL_W = 56
+LABEL_H = 24
+FONT_SIZE = 14
+
+
+def str2bool(value):
+    """'true'/'false' (also yes/no, 1/0), for the released README's `--baseline=False`."""
+    lowered = value.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True,
+                   help="training checkpoint (its 'ema' weights are used) or a bare state dict")
+    p.add_argument("--baseline", type=str2bool, nargs="?", const=True, default=False,
+                   help="the checkpoint is an original SiT one (no ap_head, learned sigma, t=1 is data); "
+                        "also accepts --baseline=True/False")
+    p.add_argument("--img_path", "--img-path", dest="img_path", default=str(DEFAULT_IMAGE),
+                   help="input image (default: assets/default.png, a synthetic parrot on a branch)")
+    p.add_argument("--save_path", "--save-path", dest="save_path", default=None,
+                   help="output PNG (default: <ckpt stem>-pca.png next to the checkpoint)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8, 13, 18, 23, 28],
+                   help="blocks (1-based) whose output tokens are shown, one column each")
+    p.add_argument("--times", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.1],
+                   help="noise levels t in [0, 1] (1 = pure noise), one row each")
+    p.add_argument("--label_id", "--label-id", dest="label_id", type=int, default=88,
+                   help="class label given to the model (88: macaw); --num-classes is the null class")
+    p.add_argument("--thr", type=float, default=0.0,
+                   help="background threshold: tokens whose first PCA component (min-maxed to [0, 1]) is "
+                        "below thr are drawn black; 0 shows every token")
+    p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (a multiple of 8)")
+    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder")
+    p.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seeds the posterior sample and the noise")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return p.parse_args(argv)
+
+
+def load_image(path, resolution):
+    """uint8 (resolution, resolution, 3): the central square crop of the image, resized with BICUBIC."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--img_path {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"--img_path {path}: not a readable image ({e})") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.array(image)  # a writable copy, for torch.from_numpy
+
+
+@torch.no_grad()
+def encode(vae, pixels, generator):
+    """uint8 (H, W, 3) -> scaled latent (1, 4, H/8, W/8): a sample of the VAE posterior times 0.18215."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * LATENT_SCALE
+
+
+@torch.no_grad()
+def extract_features(model, x, t, y, layers):
+    """{K: tokens (N, T, D) after block K} for each K in layers, equal to model.features(x, t, y, depth=K).
+
+    One forward up to the deepest layer; a hook on each requested block keeps its output.
+    """
+    for k in layers:
+        if not 1 <= k <= model.depth:
+            raise ValueError(f"layer {k} is outside 1..{model.depth}, the depth of the model")
+    captured = {}
+    hooks = [model.blocks[k - 1].register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
+             for k in sorted(set(layers))]
+    try:
+        model.features(x, t, y, depth=max(layers))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def layer_features(model, latent, noise, times, layers, label, baseline):
+    """{K: tokens (len(times), T, D)} of x_t = (1 - t) latent + t noise, one batch row per time.
+
+    latent, noise: (1, 4, h, w). The original SiT reads time as t=1 data, so baseline models get 1 - t.
+    """
+    t = torch.tensor(times, dtype=torch.float32, device=latent.device)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * latent + t.view(-1, 1, 1, 1) * noise
+    y = torch.full((len(times),), label, dtype=torch.long, device=latent.device)
+    return extract_features(model, x_t, 1 - t if baseline else t, y, layers)
+
+
+def pca_rgb(tokens, thr=0.0):
+    """tokens (T, D) -> float (h, w, 3) in [0, 1] with h = w = sqrt(T): the first 3 principal components.
+
+    Tokens are centered; each component's sign is fixed so that its largest-magnitude loading is positive
+    (sklearn's PCA convention); each component is min-maxed over the tokens. Tokens whose first
+    component is below thr become black.
+    """
+    tokens = tokens.detach().double().cpu()
+    num_tokens = tokens.shape[0]
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a square grid")
+    centered = tokens - tokens.mean(dim=0)
+    _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+    components = vh[:3]
+    largest = components.abs().argmax(dim=1)
+    components = components * torch.sign(components[torch.arange(len(components)), largest])[:, None]
+    scores = torch.zeros(num_tokens, 3, dtype=torch.float64)
+    scores[:, :len(components)] = centered @ components.T
+    low, high = scores.min(dim=0).values, scores.max(dim=0).values
+    rgb = (scores - low) / (high - low).clamp_min(1e-12)
+    rgb[rgb[:, 0] < thr] = 0
+    return rgb.reshape(side, side, 3).numpy()
+
+
+def grid_size(rows, cols):
+    """(width, height) in pixels of a grid of rows x cols tiles with its labels."""
+    return LABEL_W + cols * (TILE + GAP), LABEL_H + rows * (TILE + GAP)
+
+
+def compose_grid(pixels, maps, times, layers):
+    """The output PNG: the input image in the first row's first column, then maps[i][j] (h, w, 3) in [0, 1]
+    for time i and layer j, upsampled with nearest to TILE x TILE; labels 't=...' and 'layer K'."""
+    canvas = Image.new("RGB", grid_size(len(times), 1 + len(layers)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=FONT_SIZE)
+
+    def cell(row, col):
+        return LABEL_W + col * (TILE + GAP), LABEL_H + row * (TILE + GAP)
+
+    canvas.paste(Image.fromarray(pixels).resize((TILE, TILE), Image.BICUBIC), cell(0, 0))
+    for col, name in enumerate(["input"] + [f"layer {k}" for k in layers]):
+        x, _ = cell(0, col)
+        draw.text((x + TILE // 2, LABEL_H // 2), name, fill="black", font=font, anchor="mm")
+    for row, t in enumerate(times):
+        _, y = cell(row, 0)
+        draw.text((LABEL_W // 2, y + TILE // 2), f"t={t:g}", fill="black", font=font, anchor="mm")
+        for col, rgb in enumerate(maps[row], start=1):
+            tile = Image.fromarray(np.round(rgb * 255).astype(np.uint8)).resize((TILE, TILE), Image.NEAREST)
+            canvas.paste(tile, cell(row, col))
+    return canvas
+
+
+def build_model(args, device):
+    """The EMA model of --ckpt, in eval mode; tells SRA and original SiT checkpoints apart.
+    Checkpoints trained with --qk-norm are recognised by their q_norm weights."""
+    ckpt = load_checkpoint(args.ckpt, "--ckpt")
+    state = model_state_dict(ckpt)
+    del ckpt  # frees the training weights and optimizer state of a training checkpoint
+    has_ap_head = any(k.startswith("ap_head.") for k in state)
+    if args.baseline and has_ap_head:
+        raise UserError(f"--ckpt {args.ckpt} has an ap_head: this is an SRA checkpoint, drop --baseline")
+    if not args.baseline and not has_ap_head and "final_layer.linear.weight" in state \
+            and "x_embedder.proj.weight" in state:
+        patch = state["x_embedder.proj.weight"].shape[-1]
+        if state["final_layer.linear.weight"].shape[0] == patch * patch * 8:
+            raise UserError(f"--ckpt {args.ckpt} has no ap_head and 8 output channels: an original SiT checkpoint, "
+                            "pass --baseline")
+    qk_norm = any(".attn.q_norm." in k for k in state)
+    try:
+        model = SiT_models[args.model](input_size=args.resolution // 8, num_classes=args.num_classes,
+                                       class_dropout_prob=0.1, learn_sigma=args.baseline, qk_norm=qk_norm)
+    except ValueError as e:
+        raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
+    if args.baseline:  # original SiT has no SRA head; features() never uses it, so keep the fresh one
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("ap_head.")}, **state}
+    hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
+    load_weights(model, state, f"--ckpt {args.ckpt}", hint + (" --baseline" if args.baseline else ""))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for t in args.times:
+        if not 0 <= t <= 1:
+            raise UserError(f"--times {t} is outside [0, 1]")
+    if not 0 <= args.label_id <= args.num_classes:
+        raise UserError(f"--label_id {args.label_id} is outside 0..{args.num_classes} ({args.num_classes}: unconditional)")
+    if not 0 <= args.thr <= 1:
+        raise UserError(f"--thr {args.thr} is outside [0, 1]")
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not a positive multiple of 8 (the VAE's downsampling)")
+    save_path = Path(args.save_path) if args.save_path else Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}-pca.png")
+    if save_path.suffix.lower() != ".png":
+        raise UserError(f"--save_path {save_path}: the output is a PNG, name it *.png")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    check_writable(save_path.parent, "--save_path")
+    pixels = load_image(args.img_path, args.resolution)
+    model = build_model(args, device)
+    for k in args.layers:
+        if not 1 <= k <= model.depth:
+            raise UserError(f"--layers {k} is outside 1..{model.depth}, the depth of {args.model}")
+
+    vae = load_vae(args.vae, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    latent = encode(vae, pixels, generator)
+    noise = torch.randn(latent.shape, generator=generator)
+    features = layer_features(model, latent.to(device), noise.to(device), args.times, args.layers, args.label_id,
+                              args.baseline)
+    maps = [[pca_rgb(features[k][i], args.thr) for k in args.layers] for i in range(len(args.times))]
+    compose_grid(pixels, maps, args.times, args.layers).save(save_path)
+    print(f"saved {save_path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
