@@ -13,26 +13,24 @@ import copy
 import json
 import logging
 import os
-import random
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import LatentDataset, sample_posterior
 from loss import LOSS_TYPES, SRALoss, align_weight
 from models import SiT_models
 from samplers import euler_sampler
+from training import EpochBatchSampler, StopRequest, resolve_resume, rng_state, set_rng_state, update_ema, write_checkpoint
 from utils import (UserError, check_writable, decode_to_uint8, load_checkpoint, load_vae, load_weights, run_main,
-                   save_atomic, save_image_grid)
+                   save_image_grid)
 
 ALIGN_BASE_WEIGHT = 2.0  # SiT's alignment weight before decay (SPEC section 4)
-EMA_DECAY = 0.9999
 
 
 def parse_args(argv=None):
@@ -84,90 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
     p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
     return p.parse_args(argv)
-
-
-class EpochBatchSampler(Sampler):
-    """This process's batches of one epoch: a permutation seeded by (seed, epoch), cut into global
-    batches (the last partial one dropped), of which this process takes its slice. `set_epoch`
-    can start inside an epoch, which is how a resumed run continues at the exact batch."""
-
-    def __init__(self, num_items, batch_size, rank, world_size, seed):
-        self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
-            num_items, batch_size, rank, world_size, seed)
-        self.global_batch = batch_size * world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self):
-        return self.num_items // self.global_batch - self.start_batch
-
-    def __iter__(self):
-        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        for b in range(self.start_batch, self.num_items // self.global_batch):
-            start = b * self.global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size].tolist()
-
-
-def rng_state():
-    """Every RNG of this process, as plain Python objects (they travel through gather_object and
-    load with weights_only=True)."""
-    numpy_state = np.random.get_state(legacy=False)["state"]
-    state = {"python": random.getstate(), "torch": torch.get_rng_state().numpy().tobytes(),
-             "numpy": {"key": numpy_state["key"].tolist(), "pos": numpy_state["pos"]}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
-    return state
-
-
-def set_rng_state(state):
-    def as_tensor(data):
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    random.setstate(state["python"])
-    torch.set_rng_state(as_tensor(state["torch"]))
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(state["numpy"]["key"], np.uint32),
-                                                             "pos": state["numpy"]["pos"]}})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
-
-
-@torch.no_grad()
-def update_ema(ema_params, model_params, decay=EMA_DECAY):
-    """ema = decay * ema + (1 - decay) * param, for all parameters at once."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
-
-
-class StopRequest:
-    """Remembers SIGTERM / SIGINT so the loop can finish its step, checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, accelerator, at_sync_point):
-        """One process stops at once; several agree at sync points, so all stop at the same step."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        if not at_sync_point:
-            return False
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
-
-
-def resolve_resume(resume, checkpoint_dir):
-    if resume != "latest":
-        return Path(resume)
-    pointer = checkpoint_dir / "latest"
-    if not pointer.is_file():
-        raise UserError(f"--resume-ckpt latest: no checkpoint in {checkpoint_dir} yet")
-    return checkpoint_dir / pointer.read_text().strip()
 
 
 def main(args):
@@ -313,13 +227,7 @@ def main(args):
                     "args": args, "epoch": epoch, "steps": steps, "batch_in_epoch": batch_in_epoch,
                     "nonfinite_skipped": nonfinite_skipped, "rng": rngs,
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-            save_atomic(ckpt, checkpoint_dir / name)
-            (checkpoint_dir / ".latest.tmp").write_text(name)
-            os.replace(checkpoint_dir / ".latest.tmp", checkpoint_dir / "latest")
-            if keep_last > 0:
-                old = sorted(checkpoint_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-keep_last]
-                for p in old:
-                    p.unlink()
+            write_checkpoint(ckpt, checkpoint_dir, name, keep_last)
             logger.info(f"saved checkpoint {checkpoint_dir / name}")
         accelerator.wait_for_everyone()
 
@@ -373,10 +281,10 @@ def main(args):
                 flush_log()
             if vae is not None and steps % args.sample_steps == 0:
                 sample_grid()
-            if finished or steps % args.checkpoint_steps == 0:
+            stopping = stop.agreed(accelerator, at_sync_point=steps % args.log_every == 0)
+            if finished or stopping or steps % args.checkpoint_steps == 0:
                 save_checkpoint(f"step-{steps}.pt", args.keep_last)
-            if stop.agreed(accelerator, at_sync_point=steps % args.log_every == 0):
-                save_checkpoint(f"step-{steps}.pt", args.keep_last)
+            if stopping:
                 logger.info(f"stopped by a signal at step {steps}; resume with --resume-ckpt latest "
                             f"--exp-name {args.exp_name} --output-dir {args.output_dir}")
                 return

@@ -1,0 +1,105 @@
+"""DiT's SRALoss against a plainly written version of SPEC section 4 (DiT paragraph)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion import create_diffusion
+from loss import SRALoss, align_weight
+from models import DiT
+
+DIFFUSION = create_diffusion("")
+
+
+def tiny_pair():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, teacher
+
+
+def reference_loss(model, teacher, x0, y, loss_type, t_max, cfg_prob, s, t_depth):
+    """Draws t, noise, t_teacher, dropout in that order; DDPM terms from the (separately tested) diffusion."""
+    n = x0.shape[0]
+    t = torch.randint(0, 1000, (n,))
+    noise = torch.randn_like(x0)
+    t_teacher = torch.clamp(t - torch.randint(0, int(1000 * t_max), (n,)), 1, 999)
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+    def q_sample(steps):
+        a = acp[steps].float().view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    x_t, x_teacher = q_sample(t), q_sample(t_teacher)
+    if cfg_prob > 0:
+        y = torch.where(torch.rand(n) < cfg_prob, 10, y)
+    out, h_s = model(x_t, t, y, align_depth=s)
+    h_t = teacher.features(x_teacher, t_teacher, y, depth=t_depth)
+    mse = ((out[:, :4] - noise) ** 2).mean(dim=(1, 2, 3))
+    vb = DIFFUSION.training_losses_from_output(out, x0, x_t, t, noise)["vb"]
+    align = {"sml1": lambda: F.smooth_l1_loss(h_s, h_t, beta=0.05), "l2": lambda: ((h_s - h_t) ** 2).mean(),
+             "l1": lambda: (h_s - h_t).abs().mean(),
+             "cos": lambda: 1 - (h_s * h_t).sum(1) / (h_s.norm(dim=1) * h_t.norm(dim=1)).clamp_min(1e-8)}[loss_type]()
+    return mse + vb, align
+
+
+@pytest.mark.parametrize("loss_type", ["sml1", "l2", "l1", "cos"])
+def test_loss_equals_an_independent_reimplementation(loss_type):
+    model, teacher = tiny_pair()
+    g = torch.Generator().manual_seed(3)
+    x0, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    loss_fn = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.3, loss_type=loss_type, cfg_prob=0.4,
+                      num_classes=10)
+    torch.manual_seed(7)
+    denoising, align = loss_fn(model, x0, teacher, y)
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        ref_denoising, ref_align = reference_loss(model, teacher, x0, y, loss_type, 0.3, 0.4, 1, 3)
+    torch.testing.assert_close(denoising, ref_denoising, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(align, ref_align, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, torch.rand(1)), "the loss drew a different number of random values"
+
+
+def test_vb_term_trains_only_the_variance_channels():
+    model, teacher = tiny_pair()
+    x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+    torch.manual_seed(0)
+    denoising, _ = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, num_classes=10)(model, x0, teacher, y)
+    assert denoising.shape == (4,) and torch.isfinite(denoising).all()
+    denoising.mean().backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_step_is_never_noisier_except_at_the_clamp():
+    model, teacher = tiny_pair()
+    seen = {}
+
+    def recording(name, call):
+        def wrapped(x, t, y, **kwargs):
+            seen[name] = t
+            return call(x, t, y, **kwargs)
+        return wrapped
+
+    model.forward = recording("t", model.forward)
+    teacher.features = recording("t_teacher", teacher.features)
+    x0, y = torch.randn(512, 4, 8, 8), torch.randint(0, 10, (512,))
+    SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.2, num_classes=10)(model, x0, teacher, y)
+    t, t_teacher = seen["t"], seen["t_teacher"]
+    assert (t_teacher <= torch.clamp(t, min=1)).all() and (t_teacher >= 1).all()
+    assert (t - t_teacher < 200).all() and (t - t_teacher > 100).any()
+
+
+def test_dit_alignment_weight_uses_base_0_4():
+    assert align_weight("sml1", 0, 256) == pytest.approx(0.04)
+    assert align_weight("sml1", 1149, 256) == pytest.approx(0.004)
+    assert align_weight("sml1", 899, 512) == pytest.approx(0.004)

@@ -1,0 +1,228 @@
+"""train.py end to end on a tiny dataset in the real format: outputs, 2 processes, exact resume
+after SIGKILL / SIGTERM, crash-safe checkpoints, non-finite losses and one-line input errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TREE, run_script, write_latent_dataset
+
+from utils import load_checkpoint
+
+TINY = ["--model", "DiT-T/2", "--resolution", "32", "--num-classes", "10", "--batch-size", "4",
+        "--mixed-precision", "no", "--block-out-s", "2", "--block-out-t", "4", "--num-workers", "0",
+        "--log-every", "2"]
+
+
+def train_args(out, data, *extra):
+    return ["train.py", *TINY, "--output-dir", str(out), "--exp-name", "exp", "--data-dir", str(data), *extra]
+
+
+def checkpoint(out, name):
+    return load_checkpoint(Path(out) / "exp" / "checkpoints" / name)
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"optimizer {k} differs"
+    assert (a["steps"], a["epoch"], a["batch_in_epoch"]) == (b["steps"], b["epoch"], b["batch_in_epoch"])
+
+
+def loss_log(out):
+    return (Path(out) / "exp" / "losses.jsonl").read_text()
+
+
+def test_one_process_end_to_end(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "7"))
+    exp = tmp_path / "exp"
+    assert (exp / "args.json").is_file() and (exp / "log.txt").is_file()
+    ckpt = checkpoint(tmp_path, "step-7.pt")
+    assert {"model", "ema", "opt", "args", "epoch", "steps"} <= ckpt.keys()
+    assert ckpt["steps"] == 7 and ckpt["epoch"] == 1 and ckpt["args"].model == "DiT-T/2"
+    assert (exp / "checkpoints" / "latest").read_text() == "step-7.pt"
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    records = [json.loads(line) for line in loss_log(tmp_path).splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert all(np.isfinite([r["loss"], r["align_loss"], r["grad_norm"]]).all() for r in records)
+
+
+def test_ema_of_a_model_that_does_not_move_is_the_model(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--learning-rate", "0"))
+    ckpt = checkpoint(tmp_path, "step-2.pt")
+    for k in ckpt["ema"]:  # lr 0: the EMA starts as a copy and averages a constant (up to rounding)
+        torch.testing.assert_close(ckpt["ema"][k], ckpt["model"][k], rtol=1e-6, atol=1e-7)
+
+
+def test_no_sra_baseline_trains_without_alignment(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "3", "--no-sra"))
+    records = [json.loads(line) for line in loss_log(tmp_path).splitlines()]
+    assert all(r["align_loss"] == 0 for r in records) and all(r["loss"] > 0 for r in records)
+
+
+DIST_ENV = {"ACCELERATE_USE_CPU": "true"}
+
+
+def torchrun(*argv):
+    return ["torchrun", "--standalone", "--nproc_per_node", "2", *argv]
+
+
+def test_two_processes_train_and_resume_exactly(tmp_path, latent_data_dir):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_script(*torchrun(*train_args(full, latent_data_dir, "--max-train-steps", "5", "--batch-size", "2")),
+               env=DIST_ENV)
+    run_script(*torchrun(*train_args(split, latent_data_dir, "--max-train-steps", "2", "--batch-size", "2")),
+               env=DIST_ENV)
+    run_script(*torchrun(*train_args(split, latent_data_dir, "--max-train-steps", "5", "--batch-size", "2",
+                                     "--resume-ckpt", "latest")), env=DIST_ENV)
+    a, b = checkpoint(full, "step-5.pt"), checkpoint(split, "step-5.pt")
+    assert len(a["rng"]) == 2
+    assert_same_state(a, b)
+    assert loss_log(full) == loss_log(split)
+
+
+def test_torchrun_without_cpu_flag_is_refused(tmp_path, latent_data_dir):
+    result = run_script(*torchrun(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "1")), check=False)
+    assert result.returncode != 0
+    assert "WORLD_SIZE=2 but accelerate runs 1 process(es)" in result.stderr
+
+
+def start_training(out, data, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *train_args(out, data, *extra)], cwd=TREE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(out, proc, timeout=120):
+    latest = Path(out) / "exp" / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while not latest.exists():
+        assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stdout.read()}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, latent_data_dir, how):
+    steps = ["--max-train-steps", "14", "--checkpoint-steps", "3"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    run_script(*train_args(full, latent_data_dir, *steps))
+    proc = start_training(broken, latent_data_dir, *steps)
+    wait_for_checkpoint(broken, proc)
+    proc.send_signal(getattr(signal, how))
+    output = proc.communicate(timeout=120)[0]
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0 and "resume with --resume-ckpt latest" in output
+    interrupted_at = checkpoint(broken, (broken / "exp/checkpoints/latest").read_text())["steps"]
+    assert interrupted_at < 14, "the run finished before it was interrupted; the test proves nothing"
+    run_script(*train_args(broken, latent_data_dir, *steps, "--resume-ckpt", "latest"))
+    assert_same_state(checkpoint(full, "step-14.pt"), checkpoint(broken, "step-14.pt"))
+    assert loss_log(full) == loss_log(broken)
+
+
+def test_checkpoint_save_killed_mid_write_leaves_the_previous_one(tmp_path):
+    target = tmp_path / "step-1.pt"
+    torch.save({"steps": 1}, target)
+    script = ("import sys, torch; sys.path.insert(0, '.'); from utils import save_atomic; "
+              f"save_atomic({{'steps': 2, 'w': torch.zeros(300_000_000, dtype=torch.uint8)}}, {str(target)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TREE)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".step-1.pt.*.tmp")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert load_checkpoint(target) == {"steps": 1}
+
+
+def test_keep_last_prunes_old_step_checkpoints(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "8", "--checkpoint-steps", "2",
+                           "--keep-last", "2"))
+    names = sorted(p.name for p in (tmp_path / "exp" / "checkpoints").glob("*.pt"))
+    assert names == ["step-6.pt", "step-8.pt"]
+
+
+def nan_dataset(root):
+    data = write_latent_dataset(root, num_items=24, resolution=32, num_classes=10)
+    bad = data / "vae-sd" / "00000" / "img-mean-std-00000005.npy"
+    moments = np.load(bad)
+    moments[0, 0, 0] = np.nan
+    np.save(bad, moments)
+    return data
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing_corrupted(tmp_path):
+    data = nan_dataset(tmp_path / "data")
+    result = run_script(*train_args(tmp_path, data, "--max-train-steps", "6", "--checkpoint-steps", "1"),
+                        check=False)
+    assert result.returncode == 2
+    assert "error: non-finite loss at step" in result.stderr and "denoising loss nan" in result.stderr
+    assert "Traceback" not in result.stderr
+    for path in (tmp_path / "exp" / "checkpoints").glob("*.pt"):
+        ckpt = load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values()), path
+
+
+def test_skip_nonfinite_skips_the_bad_update(tmp_path):
+    data = nan_dataset(tmp_path / "data")
+    run_script(*train_args(tmp_path, data, "--max-train-steps", "6", "--skip-nonfinite", "2"))
+    ckpt = checkpoint(tmp_path, "step-6.pt")
+    assert all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values())
+    assert ckpt["nonfinite_skipped"] == 1
+
+
+def write_labels(data, transform):
+    index = data / "vae-sd" / "dataset.json"
+    labels = json.loads(index.read_text())["labels"]
+    index.write_text(json.dumps({"labels": transform(labels)}))
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("no vae-sd", [], "missing {data}/vae-sd/dataset.json"),
+    ("wrong shape", ["--resolution", "64"], "latent shape (8, 4, 4), expected (8, 8, 8) for --resolution 64"),
+    ("label out of range", ["--num-classes", "3"], "is outside 0..2 (--num-classes 3)"),
+    ("too few items", ["--batch-size", "32"], "24 items, fewer than one global batch of 32"),
+    ("empty", [], "the dataset is empty"),
+    ("student deeper", ["--block-out-s", "4", "--block-out-t", "3"], "--block-out-s 4 must be shallower"),
+    ("teacher too deep", ["--block-out-t", "7"], "--block-out-t 7 is outside 1..6, the depth of DiT-T/2"),
+    ("unknown model", ["--model", "DiT-Q/2"], "invalid choice: 'DiT-Q/2'"),
+    ("other architecture", ["--resume-ckpt", "{other}"], "is another architecture than --model DiT-T/2"),
+    ("unwritable", ["--output-dir", "/proc/forbidden"], "--output-dir /proc/forbidden"),
+])
+def test_input_errors_are_one_line_and_touch_nothing(tmp_path, latent_data_dir, case, extra, message):
+    data = tmp_path / "data"
+    if case == "no vae-sd":
+        data.mkdir()
+    else:
+        write_latent_dataset(data, num_items=24, resolution=32, num_classes=10)
+    if case == "empty":
+        write_labels(data, lambda labels: [])
+    if case == "label out of range":
+        write_labels(data, lambda labels: [[name, 2 + i % 2] for i, (name, _) in enumerate(labels)])
+    other = tmp_path / "other.pt"
+    if case == "other architecture":
+        from models import DiT_models
+        state = DiT_models["DiT-S/2"](input_size=4, num_classes=10).state_dict()
+        torch.save({"model": state, "ema": state, "opt": {}, "steps": 0, "epoch": 0}, other)
+    existing = tmp_path / "exp" / "checkpoints"
+    existing.mkdir(parents=True)
+    (existing / "step-1.pt").write_bytes(b"previous run")
+    before = {p: p.read_bytes() for p in (tmp_path / "exp").rglob("*") if p.is_file()}
+    extra = [e.format(other=other) for e in extra]
+    result = run_script(*train_args(tmp_path, data, "--max-train-steps", "1", *extra), check=False)
+    assert result.returncode == 2
+    assert message.format(data=data) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in before} == before

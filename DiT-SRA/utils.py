@@ -1,0 +1,144 @@
+"""Helpers shared by this tree's scripts: user errors, safe checkpoint I/O, the VAE, images.
+
+This file is identical in SiT-SRA/ and DiT-SRA/ (a test checks it), so each tree runs alone.
+"""
+import argparse
+import os
+import pickle
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+LATENT_SCALE = 0.18215
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a path, a flag, a file). Scripts print it on one line and exit 2."""
+
+
+def run_main(main):
+    """Runs a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        # A DataLoader worker's error arrives wrapped in its traceback; its last line is the message.
+        message = str(e).strip().splitlines()[-1].removeprefix("utils.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_checkpoint(path, flag="--ckpt"):
+    """Loads a checkpoint with weights_only=True, allowing the argparse.Namespace that released
+    checkpoints pickle under 'args' and nothing else; any failure is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "an object that is not a tensor"
+        raise UserError(f"{flag} {path}: refused to load: the file pickles {what}, and only tensors and "
+                        "argparse.Namespace are trusted") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+
+
+def model_state_dict(checkpoint, key="ema"):
+    """The weights to sample with: checkpoint[key] of a training checkpoint, or a bare state dict."""
+    if isinstance(checkpoint, dict) and key in checkpoint:
+        return checkpoint[key]
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise UserError(f"checkpoint has no '{key}' entry and is not a state dict")
+
+
+def load_weights(module, state_dict, source, hint):
+    """load_state_dict(strict=True), with the differences named in one line when the shapes don't fit.
+
+    source: where the weights came from (e.g. '--ckpt a.pt'); hint: the flags that decide the shapes.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)} expected" for k, v in expected.items()
+                  if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shapes differ ({'; '.join(mismatched[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    if problems:
+        raise UserError(f"{source} is another architecture than {hint}: {'; '.join(problems)}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash mid-write leaves the previous file (or none), never a truncated one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is shared like any saved file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder, flag):
+    """Creates `folder` and proves a file can be written there, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: not writable ({e.strerror or e})") from None
+
+
+def load_vae(name, device):
+    """A diffusers AutoencoderKL from 'ema' / 'mse' (stabilityai/sd-vae-ft-*), a hub name or a local folder."""
+    from diffusers.models import AutoencoderKL
+
+    name = VAE_SHORTHANDS.get(name, name)
+    try:
+        vae = AutoencoderKL.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--vae {name}: cannot load a diffusers AutoencoderKL ({reason})") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_to_uint8(vae, latents):
+    """Scaled latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU."""
+    images = vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample
+    images = torch.clamp(255 * (images + 1) / 2, 0, 255)
+    return images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def save_image_grid(images, path, nrow=None):
+    """uint8 images (N, H, W, 3) -> one PNG grid with nrow columns (default: a square)."""
+    n, h, w, _ = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.zeros((rows * h, nrow * w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    Image.fromarray(grid).save(path)
