@@ -112,13 +112,20 @@ def list_labelled_images(source, class_folders=True):
     files = source.files()
     if "dataset.json" in files:
         return read_dataset_json(source)
-    in_class = [f for f in files if "/" in f and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    in_class = [f for f in files if "/" in f and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                and not is_hidden(f)]
     if not class_folders or not in_class:
         what = "and no class folders of images" if class_folders else "(run convert first)"
         raise UserError(f"--source {source.path}: no dataset.json {what}")
     classes = sorted({f.split("/", 1)[0] for f in in_class})
     label_of = {name: label for label, name in enumerate(classes)}
     return [(f, label_of[f.split("/", 1)[0]]) for f in in_class]
+
+
+def is_hidden(relpath):
+    """True for files a class-folder tree must not count: hidden ones and macOS zip metadata
+    (a `__MACOSX/` folder would otherwise become class 0 and shift every label)."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in relpath.split("/"))
 
 
 def read_dataset_json(source):
@@ -250,8 +257,12 @@ def pack_zip(folder, names, dest):
 def convert(args):
     """The `convert` command. A .zip destination is assembled in `<dest>.partial/`, where an
     interrupted run resumes, and packed once every image is done."""
+    if args.transform == "center-crop-dhariwal" and args.resolution[0] != args.resolution[1]:
+        raise UserError("--transform center-crop-dhariwal needs a square --resolution")
     source = Source(args.source)
     items = list_labelled_images(source)[: args.max_images]
+    # Worth a glance: a tree zipped with its top folder (train/...) would show a single label.
+    print(f"{args.source}: {len(items)} images, {len({label for _, label in items})} distinct labels")
     to_zip = args.dest.endswith(".zip")
     out_dir = args.dest + ".partial" if to_zip else args.dest
     images = ConvertImages(source, [path for path, _ in items], out_dir, TRANSFORMS[args.transform], args.resolution)
@@ -521,9 +532,6 @@ def main(argv=None):
     """Runs one command; returns the exit code (2 with a one-line message for a user error)."""
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "convert" and args.transform == "center-crop-dhariwal" \
-                and args.resolution[0] != args.resolution[1]:
-            raise UserError("--transform center-crop-dhariwal needs a square --resolution")
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

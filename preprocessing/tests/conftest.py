@@ -16,6 +16,9 @@ sys.path.insert(0, str(TREE))
 # The test machine is small and shared: OpenMP threads spinning against other processes make
 # these tiny convolutions ~100x slower. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests compare against CPU float32 encodes bit for bit or to 1e-5; a GPU's TF32 convolutions
+# would not match. They run on the CPU even where a GPU is present.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +53,7 @@ def class_tree(tmp_path_factory):
 
     Sorted relative paths, i.e. image indices: 0 n01/broken.JPEG (not an image), 1 n01/gray.png (L,
     smaller than the output), 2 n01/rgb.JPEG, 3 n02/cmyk.jpg, 4 n02/rgba.png, 5 n03/palette.gif,
-    6 n03/truncated.jpg (second half cut off). n03/notes.txt is not an image and is ignored.
+    6 n03/truncated.jpg (second half cut off). n03/notes.txt and the hidden n01/._rgb.JPEG are ignored.
     """
     root = tmp_path_factory.mktemp("tree")
     for name in ("n03", "n01", "n02"):
@@ -66,6 +69,7 @@ def class_tree(tmp_path_factory):
     (root / "n03/full.jpg").unlink()
     (root / "n03/truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "n03/notes.txt").write_text("not an image")
+    (root / "n01/._rgb.JPEG").write_bytes(b"macOS metadata")  # hidden: must not count as an image
     return root
 
 

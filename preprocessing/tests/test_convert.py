@@ -15,9 +15,10 @@ SOURCES = ["n01/broken.JPEG", "n01/gray.png", "n01/rgb.JPEG", "n02/cmyk.jpg", "n
            "n03/palette.gif", "n03/truncated.jpg"]
 
 
-def test_layout_labels_and_summary(converted, read_tree):
+def test_layout_labels_and_summary(converted, class_tree, read_tree):
     dest, process = converted
     assert set(read_tree(dest)) == {"dataset.json"} | {name for name, _ in EXPECTED_LABELS}
+    assert process.stdout.startswith(f"{class_tree}: 7 images, 3 distinct labels\n")
     assert json.loads((dest / "dataset.json").read_text()) == {"labels": EXPECTED_LABELS}
     summary = "converted 5 images, skipped 2 unreadable: n01/broken.JPEG, n03/truncated.jpg"
     assert process.stdout.strip().splitlines()[-1] == summary
@@ -49,6 +50,7 @@ def test_zip_source_gives_the_same_files(converted, class_tree, tmp_path, read_t
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(class_tree.rglob("*")):
             z.write(path, path.relative_to(class_tree).as_posix())
+        z.writestr("__MACOSX/n01/._rgb.JPEG", b"macOS metadata")  # would become class 0 if counted
     dest = tmp_path / "images"
     assert dt.main(["convert", f"--source={archive}", f"--dest={dest}", "--resolution=32x32", "--workers=2"]) == 0
     assert read_tree(dest) == read_tree(converted[0])
