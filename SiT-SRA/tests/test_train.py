@@ -229,3 +229,10 @@ def test_input_errors_are_one_line_and_touch_nothing(tmp_path, latent_data_dir, 
     assert message.format(data=data) in result.stderr
     assert "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_wandb_tracker_logs_offline(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--report-to", "wandb"),
+               env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
