@@ -7,6 +7,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -297,3 +298,22 @@ def test_another_architecture_exits_2_with_one_line_and_no_sample_folder(tiny_va
         assert word in message, message
     assert not (tmp_path / "samples").exists()
     assert_nothing_written(tmp_path)
+
+
+def test_killed_midway_and_rerun_gives_the_npz_of_an_uninterrupted_run(ckpt, tiny_vae_dir, tmp_path):
+    longer = ["--num-fid-samples", "24", "--per-proc-batch-size", "2", "--num-steps", "40"]
+    full_npz, _ = run_generate(ckpt, tmp_path / "full", tiny_vae_dir, *longer)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *argv(ckpt, killed, tiny_vae_dir, *longer)], cwd=Path(generate.__file__).parent,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(killed.glob("*/*.png"))) < 4:
+        assert proc.poll() is None and time.time() < deadline, "generation ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not list(killed.glob("*.npz")), "the npz must not exist before all samples do"
+    assert len(list(killed.glob("*/*.png"))) < 24
+    npz, _ = run_generate(ckpt, killed, tiny_vae_dir, *longer)
+    assert npz.read_bytes() == full_npz.read_bytes()
