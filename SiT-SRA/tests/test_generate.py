@@ -2,6 +2,7 @@
 
 Sampling runs are subprocesses, as a user launches them (python, or torchrun with 2 gloo processes); the error cases
 run in-process through utils.run_main (one subprocess, another architecture, checks the real exit status).
+The model-independent helpers (seeds, PNGs, the .npz writer) are tested in test_sampling_io.py.
 """
 import argparse
 import os
@@ -76,55 +77,13 @@ def base_run(ckpt, tiny_vae_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- in-process units
 
-def test_write_npz_atomic_writes_the_bytes_of_np_savez(tmp_path, monkeypatch):
-    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "ref.npz", arr_0=images)
-    # np.savez must not depend on the clock (zip entries could carry a timestamp): write again at another "time".
-    monkeypatch.setattr(time, "localtime", lambda *a: time.struct_time((2001, 2, 3, 4, 5, 6, 0, 1, 0)))
-    monkeypatch.setattr(time, "time", lambda: 981173106.0)
-    np.savez(tmp_path / "again.npz", arr_0=images)
-    generate.write_npz_atomic(tmp_path / "streamed.npz", iter(images), images.shape)
-    reference = (tmp_path / "ref.npz").read_bytes()
-    assert (tmp_path / "again.npz").read_bytes() == reference
-    assert (tmp_path / "streamed.npz").read_bytes() == reference
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.npz", "ref.npz", "streamed.npz"]  # no temp left
-
-
-def test_row_draws_depend_only_on_their_own_seed():
-    seeds = [generate.sample_seed(7, i) for i in range(5)]
-    assert seeds == [7_000_000 + i for i in range(5)]
-    batch = generate.RowGenerators(seeds, torch.device("cpu"))
-    alone = generate.RowGenerators(seeds[3:4], torch.device("cpu"))
-    for draw in (lambda r: r.randn((4, 2, 2)), lambda r: r.randint(CLASSES),
-                 lambda r: r.randn_like(torch.zeros(len(r.generators), 4, 2, 2, dtype=torch.float64))):
-        together, single = draw(batch), draw(alone)
-        assert torch.equal(together[3:4], single)
-        assert not torch.equal(together[2], together[3])
-
-
-def test_seeds_fit_the_32_bits_torch_keeps():
-    # torch's CPU generator keeps only the low 32 bits of a seed: larger seeds would repeat other seeds' samples.
-    assert generate.sample_seed(generate.MAX_GLOBAL_SEED, generate.SEED_STRIDE - 1) < 2 ** 32
-    base = ["--ckpt", "x.pt", "--num-fid-samples", "50000"]
-    generate.check_flags(generate.parse_args(base + ["--global-seed", str(generate.MAX_GLOBAL_SEED)]))
-    for bad in (["--global-seed", str(generate.MAX_GLOBAL_SEED + 1)], ["--global-seed", "-1"],
-                ["--num-fid-samples", "1000001"], ["--heun"], ["--resolution", "30"],
+def test_flag_errors_name_the_flag():
+    base = ["--ckpt", "x.pt"]
+    generate.check_flags(generate.parse_args(base))  # the released defaults
+    for bad in (["--num-steps", "0"], ["--heun"], ["--resolution", "30"], ["--global-seed", "-1"],
                 ["--guidance-low", "0.8", "--guidance-high", "0.7"]):
         with pytest.raises(UserError, match=bad[0]):
             generate.check_flags(generate.parse_args(base + bad))
-
-
-def test_read_png_rejects_missing_truncated_and_wrong_size(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, size=(RES, RES, 3), dtype=np.uint8)
-    good = tmp_path / "000000.png"
-    generate.save_png_atomic(image, good)
-    assert np.array_equal(generate.read_png(good, RES), image)
-    truncated = tmp_path / "000001.png"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    small = tmp_path / "000002.png"
-    Image.fromarray(image[:16, :16]).save(small)
-    for path in (truncated, small, tmp_path / "000003.png"):
-        assert generate.read_png(path, RES) is None
 
 
 @pytest.mark.parametrize("resolution, cfg", [("256", 1.8), ("512", 2.5)])
