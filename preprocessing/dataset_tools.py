@@ -457,6 +457,9 @@ def encode(args):
     if world_size > 1:
         everyone = [None] * world_size
         dist.all_gather_object(everyone, stats)
+        # Without this barrier a process could tear gloo down while its peer still sends, which
+        # aborts the peer ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return
