@@ -9,8 +9,8 @@ Writes SAMPLE_DIR/<folder>/{i:06d}.png and SAMPLE_DIR/<folder>.npz (arr_0: uint8
 <folder> naming the settings (see `folder_name`).
 
 Determinism: sample i depends only on (--global-seed, i), whatever the number of processes and the batch: its CPU
-generator (seed global_seed * 1_000_000 + i) gives, in this order, the initial latent (4, h, w), the label and then
-every SDE step's noise (see sampling_io.py). Resume: rerun the same command; valid PNGs are kept, the others are
+generator (seed global_seed * 1_000_000 + i) gives, in this order, the initial latent (4, h, w), the label (replaced by
+i % num_classes with --class-balanced) and then every SDE step's noise (see sampling_io.py). Resume: rerun the same command; valid PNGs are kept, the others are
 generated again, and the .npz is written once all N PNGs are valid.
 """
 import argparse
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
     p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
     p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--class-balanced", action="store_true",
+                   help="sample i shows class i %% num-classes (equal counts) instead of a random class")
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -80,6 +82,8 @@ def folder_name(args):
             f"{args.path_type}-{args.precision}")
     if args.num_classes != 1000:
         name += f"-classes-{args.num_classes}"
+    if args.class_balanced:
+        name += "-balanced"
     return name
 
 
@@ -90,7 +94,9 @@ def sample_batch(args, model_fn, vae, indices, device):
     rows = RowGenerators([sample_seed(args.global_seed, i) for i in indices], device)
     latent_size = args.resolution // 8
     latents = rows.randn((LATENT_CHANNELS, latent_size, latent_size))  # drawn first, then the labels
-    labels = rows.randint(args.num_classes)
+    labels = rows.randint(args.num_classes)  # drawn even when replaced: the step noise stays that of the seed
+    if args.class_balanced:
+        labels = torch.tensor([i % args.num_classes for i in indices], device=labels.device)
     sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
     samples = sampler(model_fn, latents, labels, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
                       guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,

@@ -119,6 +119,26 @@ def test_writes_pngs_and_one_npz_in_index_order(base_run):
     assert len({arr[i].tobytes() for i in range(N)}) == N  # the samples are not trivial copies of each other
 
 
+def test_class_balanced_labels_are_the_index_modulo_the_classes(monkeypatch):
+    seen = {}
+
+    def sampler(model_fn, latents, labels, step_noise, **kwargs):
+        seen["labels"], seen["noise"] = labels.tolist(), step_noise(latents)
+        return latents.double()
+
+    monkeypatch.setattr(generate, "euler_maruyama_sampler", sampler)
+    monkeypatch.setattr(generate, "decode_to_uint8", lambda vae, latents: latents)
+    flags = ["--ckpt", "c.pt", "--num-classes", str(CLASSES), "--resolution", str(RES)]
+    random_args, balanced_args = generate.parse_args(flags), generate.parse_args(flags + ["--class-balanced"])
+    latents = generate.sample_batch(balanced_args, None, None, range(7, 19), torch.device("cpu"))
+    assert seen["labels"] == [i % CLASSES for i in range(7, 19)]
+    balanced_noise = seen["noise"]
+    assert torch.equal(generate.sample_batch(random_args, None, None, range(7, 19), torch.device("cpu")), latents)
+    assert seen["labels"] != [i % CLASSES for i in range(7, 19)]
+    assert torch.equal(seen["noise"], balanced_noise)  # the label draw is still made: same step noise per seed
+    assert generate.folder_name(balanced_args) == generate.folder_name(random_args) + "-balanced"
+
+
 def test_same_seed_is_byte_identical_and_another_seed_differs(base_run, ckpt, tiny_vae_dir, tmp_path):
     again, _ = run_generate(ckpt, tmp_path / "again", tiny_vae_dir)
     assert again.read_bytes() == base_run[0].read_bytes()
