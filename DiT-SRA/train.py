@@ -22,11 +22,12 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import LatentDataset, sample_posterior
+from dataset import LatentDataset
 from diffusion import create_diffusion
 from loss import LOSS_TYPES, SRALoss, align_weight
 from models import DiT_models
-from training import EpochBatchSampler, StopRequest, resolve_resume, rng_state, set_rng_state, update_ema, write_checkpoint
+from training import (EpochBatchSampler, StopRequest, compile_models, resolve_resume, rng_state, set_rng_state,
+                      train_step, write_checkpoint)
 from utils import UserError, check_writable, load_checkpoint, load_weights, run_main
 
 ALIGN_BASE_WEIGHT = 0.4  # DiT's alignment weight before decay (SPEC section 4)
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
     p.add_argument("--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss to skip before stopping")
     # loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
@@ -161,6 +164,8 @@ def main(args):
     if args.resume_ckpt:
         load_weights(ema, ckpt["ema"], f"--resume-ckpt {path}", hint)
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+    if args.compile:
+        compile_models(raw_model, ema)
     teacher = None if args.no_sra else ema
     loss_fn = SRALoss(create_diffusion(timestep_respacing=""), block_out_s=args.block_out_s,
                       block_out_t=args.block_out_t, t_max=args.t_max, loss_type=args.loss_type,
@@ -223,7 +228,6 @@ def main(args):
     stop = StopRequest()
     max_steps = args.max_train_steps or args.epochs * steps_per_epoch
     progress = tqdm(total=max_steps, initial=steps, desc="steps", disable=not is_main)
-    inner = optimizer.optimizer
     finished = steps >= max_steps
     while not finished and epoch < args.epochs:
         sampler.set_epoch(epoch, batch_in_epoch)
@@ -231,27 +235,14 @@ def main(args):
         for moments, labels in loader:
             moments = moments.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with accelerator.accumulate(model):
-                x0 = sample_posterior(moments)
-                with accelerator.autocast():
-                    denoising, align = loss_fn(model, x0, teacher, labels)
-                    loss = denoising.mean() + align_w * align.mean()
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if accelerator.scaler is None:  # fp16's GradScaler sets found_inf itself
-                        # A non-finite gradient skips the update inside the fused AdamW kernel, without a host sync.
-                        inner.found_inf = (~torch.isfinite(grad_norm)).float()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            losses = train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w,
+                                args.max_grad_norm, ema_params, model_params)
             batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            update_ema(ema_params, model_params)
             steps += 1
             progress.update(1)
-            pending.append((steps, epoch, (denoising.detach().mean(), align.detach().mean(), grad_norm.detach())))
+            pending.append((steps, epoch, losses))
             finished = steps >= max_steps
             if steps % args.log_every == 0 or finished:
                 flush_log()

@@ -1,5 +1,5 @@
 """Pieces of the training loop that both trees share: the resumable batch order, RNG state,
-the EMA update, pre-emption signals and the checkpoint folder.
+one optimisation step with its EMA update, pre-emption signals and the checkpoint folder.
 
 This file is identical in SiT-SRA/ and DiT-SRA/ (a test checks it), so each tree runs alone.
 """
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dataset import sample_posterior
 from utils import UserError, save_atomic
 
 EMA_DECAY = 0.9999
@@ -66,9 +67,58 @@ def set_rng_state(state):
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay=EMA_DECAY):
-    """ema = decay * ema + (1 - decay) * param, for all parameters at once."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
+    """ema = decay * ema + (1 - decay) * param, for all parameters at once, as ema += (1 - decay) (param - ema):
+    one pass over the EMA instead of a multiply pass and an add pass."""
+    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+
+
+def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w, max_grad_norm,
+               ema_params, model_params, phase_end=None):
+    """One micro-batch of SRA training as train.py runs it, without a host-device sync.
+
+    accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW, whose
+        kernel skips the update when `found_inf` is set, so a non-finite gradient costs no sync.
+    loss_fn: the tree's SRALoss; teacher: the EMA model (or None for the no-SRA baseline).
+    moments: (N, 8, h, w) posterior mean and std on the device; labels: (N,) long class ids.
+    align_w: the alignment weight of this epoch; max_grad_norm: the clipping threshold.
+    ema_params, model_params: the EMA's and the unwrapped model's parameter lists; the EMA moves
+        after every optimizer step (not after a micro-batch that only accumulates).
+    phase_end: optional callable(phase) called after "data", "loss_backward", "optimizer" and "ema",
+        for a benchmark's instrumented pass; training passes None.
+    Returns (denoising loss, alignment loss, gradient norm) as 0-dim device tensors; the gradient
+    norm is None on a micro-batch that only accumulates.
+    """
+    mark = phase_end or (lambda phase: None)
+    with accelerator.accumulate(model):
+        x0 = sample_posterior(moments)
+        mark("data")
+        with accelerator.autocast():
+            denoising, align = loss_fn(model, x0, teacher, labels)
+            loss = denoising.mean() + align_w * align.mean()
+        accelerator.backward(loss)
+        mark("loss_backward")
+        grad_norm = None
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm).detach()
+            if accelerator.scaler is None:  # fp16's GradScaler sets found_inf itself
+                optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
+    if accelerator.sync_gradients:
+        update_ema(ema_params, model_params)
+        mark("ema")
+    return denoising.detach().mean(), align.detach().mean(), grad_norm
+
+
+def compile_models(model, ema):
+    """torch.compile, in place, the student's forward and the EMA teacher's `features`.
+
+    In place rather than wrapped, so parameter names keep no `_orig_mod.` prefix: checkpoints stay
+    plain state dicts and load with or without compilation. Call after the EMA is copied from the model.
+    """
+    model.compile()
+    ema.features = torch.compile(ema.features)
 
 
 class StopRequest:

@@ -1,0 +1,161 @@
+"""training.train_step (what train.py runs) against the released code's step as rebuilt in
+benchmarks/reference_step.py (full-depth float32 teacher, default AdamW, per-parameter EMA loop,
+`.item()` every step): from the same state and seed, one float32 step on the CPU.
+
+Tolerances, uncompiled: the losses and the gradient norm are bitwise equal (the same float32
+operations in the same order; the early-exit teacher only skips the blocks after K), and so are
+the clipped gradients (read back from Adam's first moment). Parameters and EMA agree to rtol 1e-6,
+atol 1e-8, about one float32 ulp at their scale (0.01 to 1): the fused AdamW kernel and the foreach
+lerp of the EMA round differently from the released per-parameter loops (measured: at most 1.5e-8
+and 1.2e-7, on entries near 1).
+Compiled (inductor fuses and reorders float operations): losses to rtol 1e-5, gradients to 1e-4 of
+the largest gradient entry (measured: 2e-6), parameters to atol lr and the EMA to atol 1e-7: Adam's
+first update is lr * g / (|g| + eps), so where |g| is near eps a rounding difference in g moves that
+entry by a fraction of lr (measured: 0.08 lr), and the EMA by 1e-4 of that.
+"""
+import copy
+import importlib.util
+from collections import namedtuple
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import TREE
+
+import training
+from diffusion import create_diffusion
+from loss import SRALoss
+from models import DiT_models
+
+TIMES = torch.tensor([0, 500, 999])
+
+
+def new_model():
+    return DiT_models["DiT-T/2"](input_size=4, num_classes=10)
+
+
+def loss_fn():
+    return SRALoss(create_diffusion(""), block_out_s=2, block_out_t=4, t_max=0.2, cfg_prob=0.5, num_classes=10)
+
+LR, WEIGHT_DECAY, MAX_GRAD_NORM, ALIGN_W = 1e-3, 0.01, 0.5, 2.0
+TOLERANCE = {"rtol": 1e-6, "atol": 1e-8}
+COMPILED_TOLERANCE = {"model": {"rtol": 0, "atol": LR}, "ema": {"rtol": 1e-6, "atol": 1e-7}}
+
+Step = namedtuple("Step", "losses model ema grads")  # losses: [denoising, align, grad norm]; state dicts
+
+
+def load_reference_step():
+    spec = importlib.util.spec_from_file_location("reference_step", TREE.parent / "benchmarks" / "reference_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = load_reference_step()
+
+
+@pytest.fixture(scope="module")
+def mid_training_state():
+    """Perturbed weights (no zero-initialised gates), an EMA that differs from the model, a batch."""
+    torch.manual_seed(0)
+    model = new_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    moments = torch.cat([2 * torch.randn(4, 4, 4, 4), 0.01 + 0.1 * torch.rand(4, 4, 4, 4)], dim=1)
+    labels = torch.randint(0, 10, (4,))
+    return model.state_dict(), ema.state_dict(), moments, labels
+
+
+def result(losses, raw, ema, optimizer):
+    """The step's outcome; the clipped gradients are Adam's first moment after one step / (1 - beta1)."""
+    beta1 = optimizer.param_groups[0]["betas"][0]
+    grads = {name: optimizer.state[p]["exp_avg"] / (1 - beta1) for name, p in raw.named_parameters()
+             if p in optimizer.state}
+    return Step(losses, raw.state_dict(), ema.state_dict(), grads)
+
+
+def fast_step(state, ema_state, moments, labels, seed, compile=False):
+    """As train.py: fused AdamW, EMA copied after prepare, training.compile_models with --compile,
+    training.train_step."""
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model = new_model()
+    model.load_state_dict(state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    ema.load_state_dict(ema_state)
+    if compile:
+        training.compile_models(raw, ema)
+    torch.manual_seed(seed)
+    losses = training.train_step(accelerator, model, optimizer, loss_fn(), ema, moments, labels, ALIGN_W,
+                                 MAX_GRAD_NORM, list(ema.parameters()), list(raw.parameters()))
+    return result([value.item() for value in losses], raw, ema, optimizer)
+
+
+def reference_run(state, ema_state, moments, labels, seed):
+    """As the released code: EMA copied before prepare, default AdamW, reference_step."""
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model = new_model()
+    model.load_state_dict(state)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema.load_state_dict(ema_state)
+    optimizer = reference.reference_optimizer(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    torch.manual_seed(seed)
+    losses = reference.reference_step(accelerator, model, optimizer, loss_fn(), reference.FullDepthTeacher(ema),
+                                      moments, labels, ALIGN_W, MAX_GRAD_NORM, ema, raw)
+    return result(list(losses), raw, ema, optimizer)
+
+
+def test_one_step_gives_the_reference_losses_gradients_parameters_and_ema(mid_training_state):
+    state = mid_training_state[0]
+    fast, ref = fast_step(*mid_training_state, seed=1), reference_run(*mid_training_state, seed=1)
+
+    assert fast.losses == ref.losses
+    assert fast.losses[2] > MAX_GRAD_NORM, "the gradient was not clipped; the test would miss the clipping"
+    assert fast.grads.keys() == ref.grads.keys() and len(ref.grads) == sum(p.requires_grad for p in
+                                                                           new_model().parameters())
+    for name, grad in ref.grads.items():
+        assert torch.equal(fast.grads[name], grad), f"gradient of {name}"
+    moved = 0
+    for name, value in ref.model.items():
+        torch.testing.assert_close(fast.model[name], value, **TOLERANCE, msg=f"model {name}")
+        torch.testing.assert_close(fast.ema[name], ref.ema[name], **TOLERANCE, msg=f"ema {name}")
+        moved += not torch.equal(value, state[name])
+    assert moved > len(state) // 2, "the step barely changed the model; the comparison proves little"
+
+
+def test_compiled_step_gives_the_reference_step_and_plain_parameter_names(mid_training_state):
+    state = mid_training_state[0]
+    fast = fast_step(*mid_training_state, seed=1, compile=True)
+    ref = reference_run(*mid_training_state, seed=1)
+
+    torch.testing.assert_close(fast.losses, ref.losses, rtol=1e-5, atol=0)
+    largest = max(grad.abs().max() for grad in ref.grads.values()).item()
+    for name, grad in ref.grads.items():
+        torch.testing.assert_close(fast.grads[name], grad, rtol=0, atol=1e-4 * largest, msg=f"gradient of {name}")
+    assert list(fast.model) == list(state) and list(fast.ema) == list(state), "compilation renamed parameters"
+    for name, value in ref.model.items():
+        torch.testing.assert_close(fast.model[name], value, **COMPILED_TOLERANCE["model"], msg=f"model {name}")
+        torch.testing.assert_close(fast.ema[name], ref.ema[name], **COMPILED_TOLERANCE["ema"], msg=f"ema {name}")
+
+
+def test_a_different_seed_gives_different_losses(mid_training_state):
+    assert fast_step(*mid_training_state, seed=1).losses != fast_step(*mid_training_state, seed=2).losses
+
+
+@pytest.mark.parametrize("depth", range(1, 7))
+def test_early_exit_teacher_equals_full_depth_teacher(mid_training_state, depth):
+    ema = new_model().eval()
+    ema.load_state_dict(mid_training_state[1])
+    x, t, y = torch.randn(3, 4, 4, 4), TIMES, torch.tensor([1, 10, 3])
+    with torch.no_grad():
+        early = ema.features(x, t, y, depth=depth)
+    assert torch.equal(early, reference.FullDepthTeacher(ema).features(x, t, y, depth=depth))

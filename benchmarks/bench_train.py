@@ -1,0 +1,315 @@
+"""Times complete SRA training steps, ours against the released code's, in one process.
+
+    python benchmarks/bench_train.py --model SiT-B/2 --resolution 128 --batch-size 8 --mixed-precision no
+    python benchmarks/bench_train.py --model SiT-XL/2 --resolution 256 --batch-size 32 --mixed-precision bf16 --compile
+
+A step is everything train.py does per batch once the batch is on the device: posterior sample
+(data->x0), student forward + backward, teacher forward, gradient clipping + AdamW (optimizer),
+EMA update. "ours" calls `training.train_step`, the function train.py's loop calls, built the way
+train.py builds it (fused AdamW, EMA copied after `prepare`, `training.compile_models` with
+--compile). "reference" calls `reference_step.reference_step`: full-depth float32 teacher outside
+autocast, default AdamW, per-parameter EMA loop, `.item()` of the losses every step. Both start
+from the same weights and see the same (synthetic, device-resident) batch: data loading is not
+timed. After warm-up, rounds alternate the two modes (reversing the order every round), each
+round timing --steps steps between two syncs; medians over rounds are printed. A separate
+instrumented pass, which syncs between phases, gives the per-phase breakdown.
+
+Model FLOPs are counted analytically from the config (multiply-add = 2 FLOPs), per sample, with
+D the width, T the tokens, p the patch, C_in / C_out the channels, L the depth:
+    block      24 T D^2 (qkv 6, proj 2, mlp 16) + 4 T^2 D (QK^T and AV) + 12 D^2 (adaLN, per sample)
+    embed      2 T C_in p^2 D (patch conv) + 2 (256 D + D^2) (timestep MLP)
+    head       8 T D^2 (the SRA projection D -> 2D -> D)
+    final      4 D^2 (adaLN) + 2 T D p^2 C_out
+    step       3 (embed + L block + head + final)    student forward + backward (backward = 2 forward)
+             + embed + K_t block                      teacher forward to --block-out-t
+The same count (the FLOPs the method needs) is used for both modes, so the reference's extra
+teacher blocks and attention recomputation are not counted. MFU = FLOPs per step x steps/s /
+--peak-tflops (default: H100 SXM dense bf16, 989 TFLOP/s), printed on GPU only.
+
+Peak memory: on GPU, the peak allocated during a mode's timed steps minus the other mode's
+resident state (weights, EMA, optimizer state); on CPU, the process's maximum RSS (both modes).
+"""
+import argparse
+import copy
+import importlib
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("data->x0", "student fwd+bwd", "teacher fwd", "optimizer", "EMA", "log sync")
+PHASE_OF_MARK = {"data": "data->x0", "loss_backward": "student fwd+bwd", "optimizer": "optimizer", "ema": "EMA",
+                 "log": "log sync"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="SiT-B/2", help="SiT-... or DiT-... (picks the tree)")
+    p.add_argument("--resolution", type=int, default=128, help="image side in pixels (latents are 1/8)")
+    p.add_argument("--batch-size", type=int, default=8, help="per device")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--compile", action="store_true", help="ours compiled as train.py --compile does")
+    p.add_argument("--block-out-s", type=int, default=None, help="default: train.py's for 28-deep models, else depth/3")
+    p.add_argument("--block-out-t", type=int, default=None, help="default: train.py's for 28-deep models, else 2 depth/3")
+    p.add_argument("--no-reference", action="store_true", help="time ours only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on CPU: 1, since on a shared CPU more threads wait on each other "
+                        "at every op; on GPU: torch's)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (compilation happens here)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    p.add_argument("--breakdown-steps", type=int, default=1, help="steps of the instrumented pass per mode")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def import_tree(model_name):
+    """The tree's modules for a SiT-... or DiT-... model: (train, training, loss, models, reference_step)."""
+    family = model_name.split("-")[0]
+    if family not in ("SiT", "DiT"):
+        sys.exit(f"error: --model {model_name}: expected a SiT-... or DiT-... name")
+    sys.path.insert(0, str(REPO / f"{family}-SRA"))
+    return [importlib.import_module(name) for name in ("train", "training", "loss", "models", "reference_step")]
+
+
+def model_dims(model):
+    """(depth L, width D, tokens T, patch p, C_in, C_out) of a SiT / DiT instance."""
+    _, tokens, hidden = model.pos_embed.shape
+    return model.depth, hidden, tokens, model.patch_size, model.in_channels, model.out_channels
+
+
+def step_flops(model, batch_size, block_out_t):
+    """Model FLOPs of one SRA training step (formula in the module docstring)."""
+    depth, D, T, p, c_in, c_out = model_dims(model)
+    block = 24 * T * D * D + 4 * T * T * D + 12 * D * D
+    embed = 2 * T * c_in * p * p * D + 2 * (256 * D + D * D)
+    head = 8 * T * D * D
+    final = 4 * D * D + 2 * T * D * p * p * c_out
+    return batch_size * (3 * (embed + depth * block + head + final) + embed + block_out_t * block)
+
+
+class PhaseClock:
+    """Accumulates wall time per phase; every mark syncs the device first."""
+
+    def __init__(self, sync):
+        self.sync, self.totals, self.last = sync, defaultdict(float), None
+
+    def start(self):
+        self.sync()
+        self.last = time.perf_counter()
+
+    def __call__(self, mark):
+        self.sync()
+        now = time.perf_counter()
+        self.totals[PHASE_OF_MARK.get(mark, mark)] += now - self.last
+        self.last = now
+
+
+class TimedTeacher:
+    """A teacher whose `features` call closes the student's running phase and times itself."""
+
+    def __init__(self, teacher, clock):
+        self.teacher, self.clock = teacher, clock
+
+    def features(self, *args, **kwargs):
+        self.clock("student fwd+bwd")
+        out = self.teacher.features(*args, **kwargs)
+        self.clock("teacher fwd")
+        return out
+
+
+def host_syncs(step):
+    """Where one step synchronises the host with the GPU: "file:line" of each synchronising call,
+    from torch's CUDA sync debug mode (which warns on .item(), blocking copies, ...)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class Mode:
+    """One way of stepping (ours or reference) with its own model, EMA, optimizer and accelerator."""
+
+    def __init__(self, name, modules, args, cfg, base_state, moments, labels):
+        from accelerate import Accelerator
+
+        train, training, loss, models, reference_step = modules
+        self.name = name
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
+        model = build_model(models, args, cfg)
+        model.load_state_dict(base_state)
+        self.loss_fn = build_loss(loss, cfg)
+        self.batch = (moments, labels)
+        align_w = loss.align_weight(cfg.loss_type, 0, args.resolution, train.ALIGN_BASE_WEIGHT)
+        if name == "reference":
+            # copied before prepare (and moved by hand), as the released code does
+            ema = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
+            optimizer = reference_step.reference_optimizer(
+                model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+            raw_model = self.accelerator.unwrap_model(model)
+            self.teacher = reference_step.FullDepthTeacher(ema)
+
+            def step(teacher, phase_end=None):
+                return reference_step.reference_step(self.accelerator, model, optimizer, self.loss_fn, teacher,
+                                                     *self.batch, align_w, cfg.max_grad_norm, ema, raw_model,
+                                                     phase_end)
+        else:  # built as train.py builds it
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                          betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                          eps=cfg.adam_epsilon, fused=True)
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+            raw_model = self.accelerator.unwrap_model(model)
+            ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
+            ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+            if args.compile:
+                training.compile_models(raw_model, ema)
+            self.teacher = ema
+
+            def step(teacher, phase_end=None):
+                return training.train_step(self.accelerator, model, optimizer, self.loss_fn, teacher, *self.batch,
+                                           align_w, cfg.max_grad_norm, ema_params, model_params, phase_end)
+        self._step, self.raw_model, self.ema, self.optimizer = step, raw_model, ema, optimizer
+        self.ms_per_step, self.peak_bytes, self.breakdown, self.syncs = [], None, {}, []
+
+    def step(self, phase_end=None, teacher=None):
+        return self._step(teacher or self.teacher, phase_end)
+
+    def resident_bytes(self):
+        """Bytes this mode keeps between steps: weights, EMA and optimizer state."""
+        state = [v for s in self.optimizer.optimizer.state.values() for v in s.values()]
+        return tensor_bytes([*self.raw_model.parameters(), *self.ema.parameters(), *state])
+
+
+def build_model(models, args, cfg):
+    factories = getattr(models, f"{args.model.split('-')[0]}_models")
+    if args.model not in factories:
+        sys.exit(f"error: --model {args.model}: not one of {sorted(factories)}")
+    return factories[args.model](input_size=args.resolution // 8, num_classes=cfg.num_classes,
+                                 class_dropout_prob=cfg.cfg_prob, fused_attn=cfg.fused_attn, qk_norm=cfg.qk_norm)
+
+
+def build_loss(loss, cfg):
+    """The tree's SRALoss with train.py's defaults."""
+    if hasattr(cfg, "path_type"):
+        return loss.SRALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting,
+                            block_out_s=cfg.block_out_s, block_out_t=cfg.block_out_t, t_max=cfg.t_max,
+                            loss_type=cfg.loss_type, cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes)
+    from diffusion import create_diffusion
+
+    return loss.SRALoss(create_diffusion(timestep_respacing=""), block_out_s=cfg.block_out_s,
+                        block_out_t=cfg.block_out_t, t_max=cfg.t_max, loss_type=cfg.loss_type,
+                        cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes)
+
+
+def main(args):
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    modules = import_tree(args.model)
+    train, models = modules[0], modules[3]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    # train.py's defaults for everything the step uses
+    cfg = train.parse_args(["--exp-name", "bench", "--data-dir", "unused", "--model", args.model])
+    torch.manual_seed(args.seed)
+    base = build_model(models, args, cfg)
+    if base.depth != 28:  # train.py's defaults are for the 28-deep XL models
+        cfg.block_out_s, cfg.block_out_t = base.depth // 3, 2 * base.depth // 3
+    cfg.block_out_s = args.block_out_s or cfg.block_out_s
+    cfg.block_out_t = args.block_out_t or cfg.block_out_t
+    latent = args.resolution // 8
+    gen = torch.Generator().manual_seed(args.seed)
+    moments = torch.cat([5 * torch.randn(args.batch_size, 4, latent, latent, generator=gen),
+                         0.01 + 0.09 * torch.rand(args.batch_size, 4, latent, latent, generator=gen)], dim=1)
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), generator=gen)
+    moments, labels = moments.to(device), labels.to(device)
+
+    names = ["ours"] if args.no_reference else ["reference", "ours"]
+    modes = {name: Mode(name, modules, args, cfg, base.state_dict(), moments, labels) for name in names}
+    del base
+    flops = step_flops(modes["ours"].raw_model, args.batch_size, cfg.block_out_t)
+    print(f"{args.model} {args.resolution}px (latent {latent}x{latent}), batch {args.batch_size}, "
+          f"precision {args.mixed_precision}, compile {args.compile}, block-out-s {cfg.block_out_s}, "
+          f"block-out-t {cfg.block_out_t} of {modes['ours'].raw_model.depth}; device {device}"
+          f"{' ' + torch.cuda.get_device_name(device) if cuda else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; model FLOPs per step {flops / 1e12:.4f} TFLOP", flush=True)
+
+    for mode in modes.values():
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            mode.step()
+        sync()
+        print(f"warm-up {mode.name}: {args.warmup} steps in {time.perf_counter() - start:.1f} s", flush=True)
+
+    for r in range(args.rounds):
+        order = list(modes.values()) if r % 2 == 0 else list(modes.values())[::-1]
+        for mode in order:
+            other = sum(m.resident_bytes() for m in modes.values() if m is not mode)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                mode.step()
+            sync()
+            mode.ms_per_step.append(1000 * (time.perf_counter() - start) / args.steps)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device) - other
+                mode.peak_bytes = max(mode.peak_bytes or 0, peak)
+        print(f"round {r + 1}: " + ", ".join(f"{m.name} {m.ms_per_step[-1]:.1f} ms/step" for m in modes.values()),
+              flush=True)
+
+    for mode in modes.values():
+        clock = PhaseClock(sync)
+        for _ in range(args.breakdown_steps):
+            clock.start()
+            mode.step(phase_end=clock, teacher=TimedTeacher(mode.teacher, clock))
+        mode.breakdown = {k: 1000 * v / args.breakdown_steps for k, v in clock.totals.items()}
+        if cuda:
+            mode.syncs = host_syncs(mode.step)
+
+    print(f"\n{'mode':<10} {'images/s':>9} {'ms/step':>9} " + " ".join(f"{p:>15}" for p in PHASES)
+          + f" {'peak mem GiB':>12}" + (f" {'MFU':>6}" if cuda else f" {'GFLOP/s':>8}"))
+    for mode in modes.values():
+        ms = statistics.median(mode.ms_per_step)
+        achieved = flops / (ms / 1000)
+        peak = mode.peak_bytes / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        util = f" {100 * achieved / (args.peak_tflops * 1e12):>5.1f}%" if cuda else f" {achieved / 1e9:>8.1f}"
+        print(f"{mode.name:<10} {args.batch_size * 1000 / ms:>9.2f} {ms:>9.1f} "
+              + " ".join(f"{mode.breakdown.get(p, 0.0):>15.1f}" for p in PHASES) + f" {peak:>12.2f}" + util)
+    print("(breakdown in ms from the instrumented pass, which syncs between phases; "
+          + ("peak memory per mode)" if cuda else "peak memory = process max RSS, both modes)"))
+    if "reference" in modes:
+        ratio = statistics.median(modes["reference"].ms_per_step) / statistics.median(modes["ours"].ms_per_step)
+        print(f"ratio ours/reference images/s: {ratio:.2f}x")
+    for mode in modes.values():
+        if cuda:
+            where = ", ".join(f"{place} x{n}" for place, n in Counter(mode.syncs).most_common())
+            print(f"host-device syncs in one {mode.name} step: {len(mode.syncs)}{' (' + where + ')' if where else ''}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
