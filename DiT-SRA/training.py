@@ -73,7 +73,7 @@ def update_ema(ema_params, model_params, decay=EMA_DECAY):
 
 
 def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w, max_grad_norm,
-               ema_params, model_params, phase_end=None):
+               ema_params, model_params, phase_end=None, ema_decay=EMA_DECAY):
     """One micro-batch of SRA training as train.py runs it, without a host-device sync.
 
     accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW, whose
@@ -85,6 +85,7 @@ def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels,
         after every optimizer step (not after a micro-batch that only accumulates).
     phase_end: optional callable(phase) called after "data", "loss_backward", "optimizer" and "ema",
         for a benchmark's instrumented pass; training passes None.
+    ema_decay: the EMA's decay per optimizer step (0.9999 in the paper).
     Returns (denoising loss, alignment loss, gradient norm) as 0-dim device tensors; the gradient
     norm is None on a micro-batch that only accumulates.
     """
@@ -106,7 +107,7 @@ def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels,
         optimizer.zero_grad(set_to_none=True)
         mark("optimizer")
     if accelerator.sync_gradients:
-        update_ema(ema_params, model_params)
+        update_ema(ema_params, model_params, ema_decay)
         mark("ema")
     return denoising.detach().mean(), align.detach().mean(), grad_norm
 

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
     p.add_argument("--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss to skip before stopping")
@@ -260,7 +262,7 @@ def main(args):
             moments = moments.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             losses = train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w,
-                                args.max_grad_norm, ema_params, model_params)
+                                args.max_grad_norm, ema_params, model_params, ema_decay=args.ema_decay)
             batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue

@@ -236,3 +236,10 @@ def test_wandb_tracker_logs_offline(tmp_path, latent_data_dir):
                env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_ema_decay_zero_makes_the_ema_follow_the_model(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--ema-decay", "0"))
+    ckpt = checkpoint(tmp_path, "step-2.pt")
+    for k in ckpt["ema"]:
+        assert torch.equal(ckpt["ema"][k], ckpt["model"][k]), k
