@@ -185,7 +185,8 @@ class Mode:
 
             def step(teacher, phase_end=None):
                 return training.train_step(self.accelerator, model, optimizer, self.loss_fn, teacher, *self.batch,
-                                           align_w, cfg.max_grad_norm, ema_params, model_params, phase_end)
+                                           align_w, cfg.max_grad_norm, ema_params, model_params, phase_end,
+                                           ema_decay=cfg.ema_decay)
         self._step, self.raw_model, self.ema, self.optimizer = step, raw_model, ema, optimizer
         self.ms_per_step, self.peak_bytes, self.breakdown, self.syncs = [], None, {}, []
 
