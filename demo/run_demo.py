@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import digits
 import scoring
@@ -34,12 +35,20 @@ import vae as vae_lib
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-HELD_OUT = 1000  # real digits kept from the classifier: its accuracy, and the Frechet reference set
+HELD_OUT = 1000  # real digits the classifier never sees: its accuracy, the Frechet reference and a real baseline
 MODEL = "SiT-T/1"  # depth 6, width 192; patch 1 on the 4x4 latent grid: 16 tokens
 RESOLUTION = 32
 PCA_DIGIT = 3
 # Everything the demo writes into --out; an earlier run's are removed, anything else is left alone.
-OUTPUTS = ("digits", "data", "vae", "exps", "samples", "pca-sra.png", "pca-baseline.png", "metrics.json")
+OUTPUTS = ("digits", "data", "vae", "exps", "samples", "samples-sra.png", "samples-baseline.png", "pca-sra.png",
+           "pca-baseline.png", "metrics.json")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def parse_args(argv=None):
@@ -49,30 +58,34 @@ def parse_args(argv=None):
     runs = p.add_mutually_exclusive_group()
     runs.add_argument("--no-sra", action="store_true", help="train the baseline only: no alignment loss")
     runs.add_argument("--compare", action="store_true", help="train SRA and the baseline, print both metrics")
-    p.add_argument("--vae-steps", type=int, default=1000, help="AutoencoderKL training steps (batch 16)")
-    p.add_argument("--train-steps", type=int, default=600, help="SiT training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="SiT batch size")
+    p.add_argument("--vae-steps", type=positive_int, default=1000, help="AutoencoderKL training steps (batch 16)")
+    p.add_argument("--train-steps", type=positive_int, default=600, help="SiT training steps")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="SiT batch size")
     p.add_argument("--learning-rate", type=float, default=1e-3,
                    help="SiT learning rate (ImageNet's 1e-4 is for XL models trained for days)")
     p.add_argument("--ema-decay", type=float, default=0.995,
                    help="EMA of the SiT, the SRA teacher (ImageNet's 0.9999 would barely move in a short run)")
     p.add_argument("--num-samples", type=int, default=500, help="generated digits, class-balanced")
-    p.add_argument("--sampling-steps", type=int, default=25, help="Euler-Maruyama (SDE) steps per sample")
+    p.add_argument("--sampling-steps", type=positive_int, default=25, help="Euler-Maruyama (SDE) steps per sample")
     p.add_argument("--cfg-scale", type=float, default=2.5, help="classifier-free guidance of the samples")
-    p.add_argument("--classifier-epochs", type=int, default=6)
+    p.add_argument("--classifier-epochs", type=positive_int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads per process (OMP_NUM_THREADS). 2 is faster on an idle 2-core machine; with 1 the "
                         "time stays predictable when other processes share the cores, where waiting OpenMP threads "
                         "make these small models' steps many times slower")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_samples < 20 or args.num_samples % 10:
+        p.error(f"--num-samples {args.num_samples}: use a multiple of 10 (as many samples of each digit), at least 20")
+    return args
 
 
 def run(script, *flags):
     """Runs one of the project's scripts as a user would, from the repository root; its progress bars show."""
     command = [PYTHON, str(REPO / script), *map(str, flags)]
     print(f"\n$ python {script} {' '.join(map(str, flags))}", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        sys.exit(f"error: python {script} failed (its message is above); the demo stops here")
 
 
 def clear_outputs(out):
@@ -139,6 +152,14 @@ def sample(out, checkpoint, vae_dir, name, args):
     return npz
 
 
+def digit_grid(npz, path, per_digit=10):
+    """A PNG of the first per_digit samples of each digit, one row per digit (sample i shows digit i % 10)."""
+    samples = np.load(npz)["arr_0"][:10 * per_digit]
+    rows = [np.concatenate(list(samples[digit::10]), axis=1) for digit in range(10)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
+
+
 def pca(out, checkpoint, vae_dir, digit_png, name):
     """Stage 5b: main_pca.py on one real digit, every block of the model; returns the PNG path."""
     save_path = out / f"pca-{name}.png"
@@ -164,7 +185,6 @@ def main(args):
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     clear_outputs(out)
-    torch.manual_seed(args.seed)
     images_dir = timed("data", prepare_data, out)
     images, labels = digits.load_images(images_dir)
     vae_dir = timed("vae", prepare_vae, out, images, args)
@@ -179,9 +199,10 @@ def main(args):
         exp = timed("train", train, out, data_dir, vae_dir, name, args)
         checkpoint = exp / "checkpoints" / f"step-{args.train_steps}.pt"
         npz = timed("sample", sample, out, checkpoint, vae_dir, name, args)
+        by_digit = digit_grid(npz, out / f"samples-{name}.png")
         pca_png = timed("pca", pca, out, checkpoint, vae_dir, digit_png, name)
-        artifacts[name] = {"checkpoint": checkpoint, "grid": exp / "samples" / f"step-{args.train_steps}.png",
-                           "npz": npz, "pngs": npz.with_suffix(""), "pca": pca_png}
+        artifacts[name] = {"checkpoint": checkpoint, "train grid": exp / "samples" / f"step-{args.train_steps}.png",
+                           "digit grid": by_digit, "npz": npz, "pngs": npz.with_suffix(""), "pca": pca_png}
 
     metrics = timed("score", score_all, images, labels, train_idx, held_idx, vae_dir, artifacts, args)
     timings["total"] = round(time.time() - started, 1)

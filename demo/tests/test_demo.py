@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import run_demo
 import scoring
 import vae as vae_lib
 from conftest import TREE
@@ -44,11 +45,13 @@ def test_data_vae_and_latents_have_the_real_formats(demo_run):
 
 
 @pytest.mark.parametrize("run", ["sra", "baseline"])
-def test_each_run_writes_checkpoint_grid_npz_and_pca(demo_run, run):
+def test_each_run_writes_checkpoint_grids_npz_and_pca(demo_run, run):
     out, _ = demo_run
     assert (out / f"exps/{run}/checkpoints/step-10.pt").is_file()
     with Image.open(out / f"exps/{run}/samples/step-10.png") as grid:
         assert grid.size == (8 * 32, 8 * 32)  # the 64-image grid of train.py
+    with Image.open(out / f"samples-{run}.png") as by_digit:
+        assert by_digit.size == (SAMPLES // 10 * 32, 10 * 32)  # one row per digit
     (npz,) = (out / "samples" / run).glob("*.npz")
     samples = np.load(npz)["arr_0"]
     assert samples.shape == (SAMPLES, 32, 32, 3) and samples.dtype == np.uint8
@@ -93,3 +96,9 @@ def test_frechet_distance_of_shifted_gaussians():
     assert scoring.frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
     shift = np.arange(8.0)
     assert scoring.frechet_distance(features, features + shift) == pytest.approx(np.sum(shift ** 2), rel=1e-6)
+
+
+def test_the_sample_count_must_give_every_digit_as_many(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo.parse_args(["--num-samples", "25"])
+    assert exit_info.value.code == 2 and "--num-samples 25" in capsys.readouterr().err
