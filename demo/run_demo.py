@@ -71,9 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--classifier-epochs", type=positive_int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1,
-                   help="CPU threads per process (OMP_NUM_THREADS). 2 is faster on an idle 2-core machine; with 1 the "
-                        "time stays predictable when other processes share the cores, where waiting OpenMP threads "
-                        "make these small models' steps many times slower")
+                   help="CPU threads per process (OMP_NUM_THREADS). With 1 the time stays predictable when other "
+                        "processes share the cores, where waiting OpenMP threads make these small models' steps many "
+                        "times slower; on an otherwise idle machine try 2")
     args = p.parse_args(argv)
     if args.num_samples < 20 or args.num_samples % 10:
         p.error(f"--num-samples {args.num_samples}: use a multiple of 10 (as many samples of each digit), at least 20")
