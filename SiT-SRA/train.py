@@ -28,8 +28,8 @@ from models import SiT_models
 from samplers import euler_sampler
 from training import (EpochBatchSampler, StopRequest, compile_models, resolve_resume, rng_state, set_rng_state,
                       train_step, write_checkpoint)
-from utils import (UserError, check_writable, decode_to_uint8, load_checkpoint, load_vae, load_weights, run_main,
-                   save_image_grid)
+from utils import (UserError, check_writable, decode_to_uint8, load_checkpoint, load_vae, load_weights,
+                   non_negative_int, positive_int, run_main, save_image_grid)
 
 ALIGN_BASE_WEIGHT = 2.0  # SiT's alignment weight before decay (SPEC section 4)
 
@@ -42,28 +42,31 @@ def parse_args(argv=None):
     p.add_argument("--logging-dir", default="logs", help="tracker folder inside output-dir")
     p.add_argument("--report-to", default=None, help="tracker for accelerate, e.g. wandb")
     p.add_argument("--resume-ckpt", default=None, help="checkpoint path, or 'latest' of this experiment")
-    p.add_argument("--sample-steps", type=int, default=10000, help="sample a 64-image grid every N steps (0: never)")
-    p.add_argument("--checkpoint-steps", type=int, default=50000)
-    p.add_argument("--checkpoint-epochs", type=int, default=200)
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the K newest step checkpoints (0: all)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between host syncs for logging and checks")
-    p.add_argument("--max-train-steps", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=801)
+    p.add_argument("--sample-steps", type=non_negative_int, default=10000,
+                   help="sample a 64-image grid every N steps (0: never)")
+    p.add_argument("--checkpoint-steps", type=positive_int, default=50000)
+    p.add_argument("--checkpoint-epochs", type=positive_int, default=200)
+    p.add_argument("--keep-last", type=non_negative_int, default=0,
+                   help="keep only the K newest step checkpoints (0: all)")
+    p.add_argument("--log-every", type=positive_int, default=100,
+                   help="steps between host syncs for logging and checks")
+    p.add_argument("--max-train-steps", type=positive_int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=801)
     # model
     p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     # data
     p.add_argument("--data-dir", "--data-dir-train", dest="data_dir", required=True,
                    help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
+    p.add_argument("--num-workers", type=non_negative_int, default=4)
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder (for sample grids)")
     # precision and optimisation
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--adam-beta1", type=float, default=0.9)
     p.add_argument("--adam-beta2", type=float, default=0.999)
@@ -75,7 +78,8 @@ def parse_args(argv=None):
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
-    p.add_argument("--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss to skip before stopping")
+    p.add_argument("--skip-nonfinite", type=non_negative_int, default=0,
+                   help="steps with a non-finite loss to skip before stopping")
     # loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")

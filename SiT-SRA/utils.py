@@ -33,6 +33,22 @@ def run_main(main):
         sys.exit(2)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (a step count, a batch size, a period)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0 (where 0 means never or none)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def load_checkpoint(path, flag="--ckpt"):
     """Loads a checkpoint with weights_only=True, allowing the argparse.Namespace that released
     checkpoints pickle under 'args' and nothing else; any failure is a one-line UserError."""

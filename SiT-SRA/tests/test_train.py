@@ -201,6 +201,7 @@ def write_labels(data, transform):
     ("student deeper", ["--block-out-s", "4", "--block-out-t", "3"], "--block-out-s 4 must be shallower"),
     ("teacher too deep", ["--block-out-t", "7"], "--block-out-t 7 is outside 1..6, the depth of SiT-T/2"),
     ("unknown model", ["--model", "SiT-Q/2"], "invalid choice: 'SiT-Q/2'"),
+    ("zero period", ["--checkpoint-steps", "0"], "argument --checkpoint-steps: expected an integer >= 1, got 0"),
     ("other architecture", ["--resume-ckpt", "{other}"], "is another architecture than --model SiT-T/2"),
     ("unwritable", ["--output-dir", "/proc/forbidden"], "--output-dir /proc/forbidden"),
 ])
