@@ -53,6 +53,7 @@ class SRALoss:
 
     Random draws, in this order (same seed, same losses as the released code):
     t and t_teacher on the CPU default generator, then the noise and the class dropout on x0's device.
+    The times reach the device in one copy from pinned memory, so the step does not wait on the GPU.
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", block_out_s=8, block_out_t=20,
@@ -84,7 +85,10 @@ class SRALoss:
         return t, t_teacher
 
     def __call__(self, model, x0, teacher, y):
-        t, t_teacher = (s.to(device=x0.device, dtype=x0.dtype) for s in self.sample_times(x0.shape[0]))
+        times = torch.cat(self.sample_times(x0.shape[0]))
+        if x0.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            times = times.pin_memory()
+        t, t_teacher = times.to(device=x0.device, dtype=x0.dtype, non_blocking=True).chunk(2)
         noise = torch.randn_like(x0)
         alpha, sigma, d_alpha, d_sigma = interpolant(t, self.path_type)
         x_t = alpha * x0 + sigma * noise

@@ -22,7 +22,8 @@ and the discretised-Gaussian decoder NLL -log p(x_0 | x_1) at t = 0.
 
 Schedules are float64 numpy arrays of length T; they are read at integer steps by
 ``_extract_into_tensor`` and cast to float32, exactly as DiT does, so sampling and losses match
-DiT's numbers.
+DiT's numbers. Each schedule is copied to a device once (``GaussianDiffusion._at``): DiT uploads it
+at every read, a blocking host-to-device copy several times per training or sampling step.
 """
 
 import enum
@@ -86,13 +87,14 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """Read a float64 numpy schedule at integer steps and broadcast it.
+    """Read a float64 schedule at integer steps and broadcast it.
 
-    arr: (T,) float64; timesteps: (N,) long tensor; broadcast_shape: (N, ...).
+    arr: (T,) float64 numpy array, or tensor on the device of timesteps; timesteps: (N,) long
+    tensor; broadcast_shape: (N, ...).
     Returns a float32 tensor of shape broadcast_shape on the device of timesteps, constant over
     every dimension but the first.
     """
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = torch.as_tensor(arr, device=timesteps.device)[timesteps].float()
     res = res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim))
     return res.expand(broadcast_shape)
 
@@ -124,6 +126,7 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
@@ -135,12 +138,25 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
-        large_variance = np.append(self.posterior_variance[1], betas[1:])
-        self._fixed_variance = {
-            ModelVarType.FIXED_LARGE: (large_variance, np.log(large_variance)),
-            ModelVarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
+        self.large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.log_large_variance = np.log(self.large_variance)
+        self._fixed_variance = {  # names of (variance, log variance)
+            ModelVarType.FIXED_LARGE: ("large_variance", "log_large_variance"),
+            ModelVarType.FIXED_SMALL: ("posterior_variance", "posterior_log_variance_clipped"),
         }
-        self._log_betas = np.log(betas)
+        self.log_betas = np.log(betas)
+        self._on_device = {}
+
+    def _to_device(self, name, device):
+        """The schedule attribute `name` as a tensor on `device`, copied there on first use only."""
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.as_tensor(getattr(self, name), device=device)
+        return self._on_device[key]
+
+    def _at(self, name, t, shape):
+        """The schedule attribute `name` read at steps t (N,), broadcast to shape (N, ...), float32."""
+        return _extract_into_tensor(self._to_device(name, t.device), t, shape)
 
     def _wrap_model(self, model):
         """The callable that receives this process's step indices (SpacedDiffusion maps them)."""
@@ -148,33 +164,33 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start, t):
         """q(x_t | x_0): (mean, variance, log_variance), each (N, C, ...)."""
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._at("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._at("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._at("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
         """Draw x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (noise ~ randn_like(x_start) if None)."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (_extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+        return (self._at("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+                + self._at("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """q(x_{t-1} | x_t, x_0): (mean, variance, clipped log variance), each (N, C, ...)."""
-        mean = (_extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        mean = (self._at("posterior_mean_coef1", t, x_t.shape) * x_start
+                + self._at("posterior_mean_coef2", t, x_t.shape) * x_t)
+        variance = self._at("posterior_variance", t, x_t.shape)
+        log_variance = self._at("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self._at("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+                - self._at("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self._at("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
+                / self._at("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
     def _output_mean_variance(self, model_output, x, t, clip_denoised, denoised_fn):
         """p(x_{t-1} | x_t) from a model output (N, C or 2C, ...) at x = x_t (N, C, ...)."""
@@ -185,17 +201,17 @@ class GaussianDiffusion:
                 raise ValueError(f"model output has shape {tuple(model_output.shape)}, expected {expected} "
                                  "(prediction and variance channels)")
             model_output, var_values = torch.split(model_output, channels, dim=1)
-            min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract_into_tensor(self._log_betas, t, x.shape)
+            min_log = self._at("posterior_log_variance_clipped", t, x.shape)
+            max_log = self._at("log_betas", t, x.shape)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
             if model_output.shape != x.shape:
                 raise ValueError(f"model output has shape {tuple(model_output.shape)}, expected {tuple(x.shape)}")
-            variance_arr, log_variance_arr = self._fixed_variance[self.model_var_type]
-            variance = _extract_into_tensor(variance_arr, t, x.shape)
-            log_variance = _extract_into_tensor(log_variance_arr, t, x.shape)
+            variance_name, log_variance_name = self._fixed_variance[self.model_var_type]
+            variance = self._at(variance_name, t, x.shape)
+            log_variance = self._at(log_variance_name, t, x.shape)
 
         if self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
@@ -239,8 +255,8 @@ class GaussianDiffusion:
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._at("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._at("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = step_noise(x) if step_noise is not None else torch.randn_like(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps

@@ -8,7 +8,6 @@ indices, so the respaced process hands it t_i instead of its own index i.
 """
 
 import numpy as np
-import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
@@ -63,18 +62,18 @@ class SpacedDiffusion(GaussianDiffusion):
         kept = alphas_cumprod[self.timestep_map]
         kwargs["betas"] = 1 - kept / np.append(1.0, kept[:-1])
         super().__init__(**kwargs)
-        self._map_tensor = torch.tensor(self.timestep_map, dtype=torch.long)
+        self.timestep_map_array = np.array(self.timestep_map, dtype=np.int64)
 
     def _wrap_model(self, model):
-        return _TimestepMappedModel(model, self._map_tensor)
+        return _TimestepMappedModel(model, lambda device: self._to_device("timestep_map_array", device))
 
 
 class _TimestepMappedModel:
     """Calls model(x, timestep_map[t], **kwargs): respaced indices (N,) -> original steps (N,)."""
 
-    def __init__(self, model, timestep_map):
+    def __init__(self, model, timestep_map_on):
         self.model = model
-        self.timestep_map = timestep_map
+        self.timestep_map_on = timestep_map_on  # device -> the (T,) long map on that device
 
     def __call__(self, x, t, **kwargs):
-        return self.model(x, self.timestep_map.to(device=t.device, dtype=t.dtype)[t], **kwargs)
+        return self.model(x, self.timestep_map_on(t.device)[t].to(t.dtype), **kwargs)

@@ -145,3 +145,27 @@ def test_invalid_betas_rejected():
         GaussianDiffusion(betas=[0.1], **kwargs)
     with pytest.raises(ValueError):
         GaussianDiffusion(betas=[0.0, 0.1], **kwargs)
+
+
+@pytest.mark.parametrize("respacing", ["", "250"])
+def test_schedules_reach_a_device_once_and_read_as_dit_reads_them(respacing):
+    """A training loss and a sampling step copy each schedule to the device on the first call only
+    (later steps make no host-to-device copy) and read the same float32 values as DiT's per-call
+    `torch.from_numpy(arr)[t].float()`."""
+    diffusion = create_diffusion(timestep_respacing=respacing)
+    x0, t = torch.randn(3, 4, 2, 2), torch.tensor([0, 5, diffusion.num_timesteps - 1])
+
+    def model(x, steps):  # epsilon and variance channels, as DiT's learned-sigma output
+        return torch.cat([x * 0.5, torch.tanh(x)], dim=1)
+
+    diffusion.training_losses(model, x0, t)
+    diffusion.p_sample(model, x0, t)
+    copies = dict(diffusion._on_device)
+    assert copies and all(v.device == x0.device for v in copies.values())
+    diffusion.training_losses(model, x0, t)
+    diffusion.p_sample(model, x0, t)
+    assert diffusion._on_device.keys() == copies.keys()
+    assert all(diffusion._on_device[k] is v for k, v in copies.items())
+    for name in ("sqrt_alphas_cumprod", "posterior_mean_coef1", "log_betas", "posterior_log_variance_clipped"):
+        expected = torch.from_numpy(getattr(diffusion, name))[t].float().view(3, 1, 1, 1).expand(3, 4, 2, 2)
+        assert torch.equal(diffusion._at(name, t, x0.shape), expected)
