@@ -72,12 +72,24 @@ def update_ema(ema_params, model_params, decay=EMA_DECAY):
     torch._foreach_lerp_(ema_params, model_params, 1 - decay)
 
 
+def clip_inside_fused_adamw(optimizer, parameters, max_grad_norm):
+    """Gradient clipping as torch's clip_grad_norm_ (g * min(1, max_norm / (norm + 1e-6))) done by
+    the fused AdamW kernel, which divides each gradient by `grad_scale` as it reads it: one pass
+    over the gradients (the norm) instead of two. A non-finite norm sets `found_inf`, on which the
+    kernel skips the update. Returns the gradient norm (0-dim tensor on the device)."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / max_grad_norm, min=1.0)
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+    return grad_norm
+
+
 def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w, max_grad_norm,
                ema_params, model_params, phase_end=None, ema_decay=EMA_DECAY):
     """One micro-batch of SRA training as train.py runs it, without a host-device sync.
 
-    accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW, whose
-        kernel skips the update when `found_inf` is set, so a non-finite gradient costs no sync.
+    accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW, which
+        also clips (`clip_inside_fused_adamw`) and skips the update on a non-finite gradient norm
+        without a sync.
     loss_fn: the tree's SRALoss; teacher: the EMA model (or None for the no-SRA baseline).
     moments: (N, 8, h, w) posterior mean and std on the device; labels: (N,) long class ids.
     align_w: the alignment weight of this epoch; max_grad_norm: the clipping threshold.
@@ -100,9 +112,10 @@ def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels,
         mark("loss_backward")
         grad_norm = None
         if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm).detach()
-            if accelerator.scaler is None:  # fp16's GradScaler sets found_inf itself
-                optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            if accelerator.scaler is None:
+                grad_norm = clip_inside_fused_adamw(optimizer.optimizer, model.parameters(), max_grad_norm)
+            else:  # fp16: the GradScaler unscales first and sets grad_scale and found_inf itself
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm).detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark("optimizer")

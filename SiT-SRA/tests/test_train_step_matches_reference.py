@@ -3,11 +3,12 @@ benchmarks/reference_step.py (full-depth float32 teacher, default AdamW, per-par
 `.item()` every step): from the same state and seed, one float32 step on the CPU.
 
 Tolerances, uncompiled: the losses and the gradient norm are bitwise equal (the same float32
-operations in the same order; the early-exit teacher only skips the blocks after K), and so are
-the clipped gradients (read back from Adam's first moment). Parameters and EMA agree to rtol 1e-6,
-atol 1e-8, about one float32 ulp at their scale (0.01 to 1): the fused AdamW kernel and the foreach
-lerp of the EMA round differently from the released per-parameter loops (measured: at most 1.5e-8
-and 1.2e-7, on entries near 1).
+operations in the same order; the early-exit teacher only skips the blocks after K). The clipped
+gradients (read back from Adam's first moment), parameters and EMA agree to rtol 1e-6, atol 1e-8,
+about one float32 ulp at their scale: the fused AdamW kernel divides by the clipping's 1 / coef
+where the released code multiplies by coef, and it and the foreach lerp of the EMA round
+differently from the released per-parameter loops (measured: at most 1.5e-8 and 1.2e-7, on
+entries near 1).
 Compiled (inductor fuses and reorders float operations): losses to rtol 1e-5, gradients to 1e-4 of
 the largest gradient entry (measured: 2e-6), parameters to atol lr and the EMA to atol 1e-7: Adam's
 first update is lr * g / (|g| + eps), so where |g| is near eps a rounding difference in g moves that
@@ -122,7 +123,7 @@ def test_one_step_gives_the_reference_losses_gradients_parameters_and_ema(mid_tr
     assert fast.grads.keys() == ref.grads.keys() and len(ref.grads) == sum(p.requires_grad for p in
                                                                            new_model().parameters())
     for name, grad in ref.grads.items():
-        assert torch.equal(fast.grads[name], grad), f"gradient of {name}"
+        torch.testing.assert_close(fast.grads[name], grad, **TOLERANCE, msg=f"gradient of {name}")
     moved = 0
     for name, value in ref.model.items():
         torch.testing.assert_close(fast.model[name], value, **TOLERANCE, msg=f"model {name}")
@@ -158,3 +159,36 @@ def test_early_exit_teacher_equals_full_depth_teacher(mid_training_state, depth)
     with torch.no_grad():
         early = ema.features(x, t, y, depth=depth)
     assert torch.equal(early, reference.FullDepthTeacher(ema).features(x, t, y, depth=depth))
+
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm_then_adamw(scale):
+    """Gradient norms below (0.1) and above (10) max_grad_norm: same norm, same update."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((5, 3), (7,))]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, plain):
+        p.grad = scale * torch.randn_like(p)
+        q.grad = p.grad.clone()
+    folded_opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    plain_opt = torch.optim.AdamW(plain, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+
+    norm = training.clip_inside_fused_adamw(folded_opt, params, MAX_GRAD_NORM)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(plain, MAX_GRAD_NORM))
+    folded_opt.step()
+    plain_opt.step()
+    for p, q in zip(params, plain):
+        torch.testing.assert_close(folded_opt.state[p]["exp_avg"], plain_opt.state[q]["exp_avg"], **TOLERANCE)
+        torch.testing.assert_close(p, q, **TOLERANCE)
+
+
+def test_clipping_inside_fused_adamw_skips_a_non_finite_gradient():
+    param = torch.nn.Parameter(torch.randn(6))
+    before = param.detach().clone()
+    param.grad = torch.tensor([1.0, float("nan"), 0, 0, 0, 0])
+    optimizer = torch.optim.AdamW([param], lr=LR, fused=True)
+    norm = training.clip_inside_fused_adamw(optimizer, [param], MAX_GRAD_NORM)
+    optimizer.step()
+    assert not torch.isfinite(norm)
+    assert torch.equal(param.detach(), before)
