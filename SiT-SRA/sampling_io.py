@@ -153,7 +153,7 @@ def build_model(args, factories, device):
         load_weights(model, state_dict, f"--ckpt {args.ckpt}", hint)
     except UserError as e:
         raise UserError(f"{e}{trained_with(checkpoint)}") from None
-    return model.to(device).eval().requires_grad_(False)
+    return cast_for_autocast(model.to(device).eval().requires_grad_(False), args.precision)
 
 
 def prepare(args, procs, factories, folder):
@@ -184,6 +184,21 @@ def autocast_call(fn, device, precision):
         with context:
             return fn(*args, **kwargs).float()
     return call
+
+
+def cast_for_autocast(model, precision):
+    """Casts, once, the weights that autocast casts at every call (those of Linear and Conv2d layers) to `precision`.
+
+    Autocast runs these layers on weights cast to its dtype and passes tensors already in that dtype through, so under
+    `autocast_call` the model computes the same numbers bit for bit without converting every weight again at every
+    sampling step (autocast caches casts only of weights that require grad). Returns the model; fp32 leaves it as is.
+    """
+    dtype = PRECISIONS[precision]
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.to(dtype)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- seeds

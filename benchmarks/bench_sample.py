@@ -6,8 +6,8 @@
 SiT (SiT-... models): the Euler-Maruyama SDE sampler, --num-steps steps (250), classifier-free
 guidance --cfg-scale on the interval [--guidance-low, --guidance-high] (1.8 on [0, 0.7], gen.sh's).
 "ours" is what SiT-SRA/generate.py runs: `samplers.euler_maruyama_sampler` with the model wrapped
-by `sampling_io.autocast_call` at --precision and the per-sample step noise of
-`sampling_io.RowGenerators`; "reference" is `reference_sample.reference_sde_sampler`, the released
+by `sampling_io.autocast_call` at --precision (its Linear and Conv weights cast once by
+`sampling_io.cast_for_autocast`) and the per-sample step noise of `sampling_io.RowGenerators`; "reference" is `reference_sample.reference_sde_sampler`, the released
 loop (float32 model, per-step tensors, score on the doubled batch, on-device noise).
 
 DiT (DiT-... models): respaced DDPM (`create_diffusion(str(--num-steps))`, p_sample_loop) with CFG
@@ -130,7 +130,8 @@ def main(args):
     with torch.no_grad():  # trained-like weights: the zero-initialised gates and outputs would make every call trivial
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    net = copy.deepcopy(model)  # ours' own copy, compiled without touching the reference's model
+    # ours' own copy, as generate.py builds it (weights cast once for autocast), compiled without touching the reference's
+    net = importlib.import_module("sampling_io").cast_for_autocast(copy.deepcopy(model), args.precision)
     if args.compile:
         # static shapes: SiT calls the model on N rows outside the guidance interval and 2N inside
         net.compile(dynamic=False)

@@ -76,3 +76,25 @@ def test_autocast_call_returns_float32():
     fn = sampling_io.autocast_call(lambda x, scale=1.0: x @ x * scale, torch.device("cpu"), "bf16")
     out = fn(torch.ones(2, 2), scale=2.0)
     assert out.dtype == torch.float32 and torch.equal(out, torch.full((2, 2), 4.0))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_weights_cast_once_give_the_numbers_of_autocast_from_float32_weights(precision):
+    import models
+    factories = models.SiT_models if hasattr(models, "SiT_models") else models.DiT_models
+    torch.manual_seed(0)
+    model = factories[next(name for name in factories if name.endswith("-T/2"))](input_size=4, num_classes=10).eval()
+    with torch.no_grad():  # no zero-initialised gates or outputs: every layer shapes the result
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0, 3, 10])
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        expected = sampling_io.autocast_call(model, cpu, precision)(x, t, y)
+        sampling_io.cast_for_autocast(model, precision)
+        got = sampling_io.autocast_call(model, cpu, precision)(x, t, y)
+    assert torch.equal(got, expected)
+    dtypes = {p.dtype for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              for p in m.parameters()}
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert model.y_embedder.embedding_table.weight.dtype == torch.float32
