@@ -161,7 +161,6 @@ def test_early_exit_teacher_equals_full_depth_teacher(mid_training_state, depth)
     assert torch.equal(early, reference.FullDepthTeacher(ema).features(x, t, y, depth=depth))
 
 
-
 @pytest.mark.parametrize("scale", [0.1, 10.0])
 def test_clipping_inside_fused_adamw_equals_clip_grad_norm_then_adamw(scale):
     """Gradient norms below (0.1) and above (10) max_grad_norm: same norm, same update."""
