@@ -148,6 +148,9 @@ def build_model(args, factories, device):
                                       qk_norm=args.qk_norm)
     except ValueError as e:
         raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
+    if not any(k.startswith("ap_head.") for k in state_dict):
+        # Sampling never runs the SRA head, so a checkpoint without one (the original DiT ones) keeps the model's own.
+        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith("ap_head.")}, **state_dict}
     hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
     try:
         load_weights(model, state_dict, f"--ckpt {args.ckpt}", hint)

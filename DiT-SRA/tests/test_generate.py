@@ -239,6 +239,16 @@ def test_resume_regenerates_only_damaged_batches_and_gives_the_same_npz(base_run
     assert the_npz(sample_dir)[0].read_bytes() == npz.read_bytes()
 
 
+def test_original_dit_checkpoint_without_the_sra_head_samples_like_the_same_weights_with_it(base_run, tiny_vae_dir,
+                                                                                          tmp_path):
+    """Like facebookresearch's DiT-XL-2-256x256.pt: a bare state dict, learned sigma, no ap_head. Sampling never runs
+    the head, so these weights give the samples of the training checkpoint that has one."""
+    original = tmp_path / "step-100.pt"  # the training checkpoint's stem, so the same sample folder name
+    torch.save({k: v for k, v in tiny_model().state_dict().items() if not k.startswith("ap_head.")}, original)
+    npz, _ = run_generate(original, tmp_path / "samples", tiny_vae_dir)
+    assert npz.read_bytes() == base_run[0].read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 class Untrusted:
@@ -269,6 +279,9 @@ def error_case(name, tmp_path, ckpt, monkeypatch):
         state_dict["y_embedder.embedding_table.weight"] = state_dict["y_embedder.embedding_table.weight"][:CLASSES]
         torch.save(state_dict, path)
         return path, ["--cfg-scale", "1.5"], sample_dir, ["no null class", "--cfg-scale 1"]
+    if name == "partial-head":  # a head is filled in only where the checkpoint has none at all
+        torch.save({k: v for k, v in tiny_model().state_dict().items() if k != "ap_head.linear2.weight"}, path)
+        return path, [], sample_dir, ["1 missing (ap_head.linear2.weight)"]
     if name == "steps":
         return ckpt, ["--sampler", "ddim", "--num-sampling-steps", "600"], sample_dir, ["--num-sampling-steps 600"]
     if name == "vae":
@@ -289,8 +302,8 @@ def assert_nothing_written(tmp_path):
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.npz"))
 
 
-@pytest.mark.parametrize("name", ["missing", "truncated", "untrusted", "other-classes", "no-null-class", "steps",
-                                  "vae", "sample-dir", "world-size"])
+@pytest.mark.parametrize("name", ["missing", "truncated", "untrusted", "other-classes", "no-null-class",
+                                  "partial-head", "steps", "vae", "sample-dir", "world-size"])
 def test_errors_are_one_line_before_any_sampling(name, ckpt, tiny_vae_dir, tmp_path, monkeypatch, capsys):
     """In-process through run_main, as the script runs it (a subprocess per case would mostly time imports)."""
     path, flags, sample_dir, words = error_case(name, tmp_path, ckpt, monkeypatch)

@@ -233,6 +233,14 @@ def error_case(name, tmp_path, ckpt, monkeypatch):
         state_dict["y_embedder.embedding_table.weight"] = state_dict["y_embedder.embedding_table.weight"][:CLASSES]
         torch.save(state_dict, path)
         return path, [], sample_dir, ["no null class", "--cfg-scale 1"]
+    if name == "partial-head":  # a head is filled in only where the checkpoint has none at all
+        torch.save({k: v for k, v in tiny_state_dict().items() if k != "ap_head.linear2.weight"}, path)
+        return path, [], sample_dir, ["1 missing (ap_head.linear2.weight)"]
+    if name == "original-sit":  # like SiT's SiT-XL-2-256.pt: learned sigma, no ap_head, t = 1 is data
+        torch.manual_seed(0)
+        original = SiT_models["SiT-S/2"](input_size=RES // 8, num_classes=CLASSES, learn_sigma=True)
+        torch.save({k: v for k, v in original.state_dict().items() if not k.startswith("ap_head.")}, path)
+        return path, [], sample_dir, ["final_layer.linear.weight (32, 384) vs (16, 384)"]
     if name == "vae":
         return ckpt, ["--vae", str(tmp_path / "no-vae")], sample_dir, ["--vae", "AutoencoderKL"]
     if name == "sample-dir":
@@ -251,8 +259,8 @@ def assert_nothing_written(tmp_path):
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.npz"))
 
 
-@pytest.mark.parametrize("name", ["missing", "truncated", "untrusted", "other-classes", "no-null-class", "vae",
-                                  "sample-dir", "world-size"])
+@pytest.mark.parametrize("name", ["missing", "truncated", "untrusted", "other-classes", "no-null-class",
+                                  "partial-head", "original-sit", "vae", "sample-dir", "world-size"])
 def test_errors_are_one_line_before_any_sampling(name, ckpt, tiny_vae_dir, tmp_path, monkeypatch, capsys):
     """In-process through run_main, as the script runs it (a subprocess per case would mostly time imports)."""
     path, flags, sample_dir, words = error_case(name, tmp_path, ckpt, monkeypatch)
