@@ -112,11 +112,20 @@ def wait_for_checkpoint(out, proc, timeout=120):
         time.sleep(0.02)
 
 
+RESUME_STEPS = ["--max-train-steps", "14", "--checkpoint-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, latent_data_dir):
+    """The output folder of one run of RESUME_STEPS that nothing interrupts."""
+    full = tmp_path_factory.mktemp("full")
+    run_script(*train_args(full, latent_data_dir, *RESUME_STEPS))
+    return full
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_interrupted_run_resumes_bit_identically(tmp_path, latent_data_dir, how):
-    steps = ["--max-train-steps", "14", "--checkpoint-steps", "3"]
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    run_script(*train_args(full, latent_data_dir, *steps))
+def test_interrupted_run_resumes_bit_identically(tmp_path, latent_data_dir, uninterrupted_run, how):
+    full, broken, steps = uninterrupted_run, tmp_path / "broken", RESUME_STEPS
     proc = start_training(broken, latent_data_dir, *steps)
     wait_for_checkpoint(broken, proc)
     proc.send_signal(getattr(signal, how))
