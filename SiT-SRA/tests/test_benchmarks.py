@@ -1,6 +1,10 @@
 """benchmarks/bench_train.py and bench_sample.py run end to end on a tiny SiT and print both modes
 and their ratio (the figures themselves are measured by hand, see benchmarks/README.md)."""
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import run_script
 
@@ -16,6 +20,21 @@ def test_bench_train_times_both_modes_and_prints_the_ratio():
         assert row, f"no result row for {mode}:\n{out}"
         assert float(row.group(1)) > 0 and sum(map(float, row.group(3).split())) > 0
     assert re.search(r"^ratio ours/reference images/s: [0-9.]+x$", out, re.M)
+
+
+def test_gpu_check_script_runs_both_benchmarks_into_out(tmp_path):
+    """The prepared GPU run (one try on a lent GPU is all a session gets), end to end on a tiny model on the CPU:
+    its flags parse, both runs (without and with --compile) finish and their reports land in $OUT."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(script), *TINY, "--batch-size", "2", "--warmup", "1", "--steps", "1",
+                             "--rounds", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    for name, compiled in (("train_sitxl2_bf16.txt", False), ("train_sitxl2_bf16_compile.txt", True)):
+        report = (tmp_path / name).read_text()
+        assert f"SiT-T/2 32px (latent 4x4), batch 2, precision bf16, compile {compiled}" in report, report
+        assert re.search(r"^ratio ours/reference images/s: [0-9.]+x$", report, re.M), report
 
 
 def test_bench_sample_times_both_modes_and_prints_the_ratio():
