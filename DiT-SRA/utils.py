@@ -99,6 +99,14 @@ def load_weights(module, state_dict, source, hint):
     module.load_state_dict(state_dict, strict=True)
 
 
+def with_own_head(module, state_dict):
+    """state_dict with `module`'s own `ap_head.*` entries where it has none at all (the original DiT and SiT
+    checkpoints): the head serves only the alignment loss, and neither sampling nor the PCA maps run it."""
+    if any(k.startswith("ap_head.") for k in state_dict):
+        return state_dict
+    return {**{k: v for k, v in module.state_dict().items() if k.startswith("ap_head.")}, **state_dict}
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash mid-write leaves the previous file (or none), never a truncated one."""

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from utils import UserError, check_writable, load_checkpoint, load_vae, load_weights, model_state_dict
+from utils import (UserError, check_writable, load_checkpoint, load_vae, load_weights, model_state_dict,
+                   with_own_head)
 
 SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRIDE + i (see the module docstring)
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
@@ -148,12 +149,9 @@ def build_model(args, factories, device):
                                       qk_norm=args.qk_norm)
     except ValueError as e:
         raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
-    if not any(k.startswith("ap_head.") for k in state_dict):
-        # Sampling never runs the SRA head, so a checkpoint without one (the original DiT ones) keeps the model's own.
-        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith("ap_head.")}, **state_dict}
     hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
     try:
-        load_weights(model, state_dict, f"--ckpt {args.ckpt}", hint)
+        load_weights(model, with_own_head(model, state_dict), f"--ckpt {args.ckpt}", hint)
     except UserError as e:
         raise UserError(f"{e}{trained_with(checkpoint)}") from None
     return cast_for_autocast(model.to(device).eval().requires_grad_(False), args.precision)

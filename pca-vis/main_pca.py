@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent / "SiT-SRA"))  # the model and helpers are Si
 
 from models import SiT_models  # noqa: E402
 from utils import (LATENT_SCALE, UserError, check_writable, load_checkpoint, load_vae, load_weights,  # noqa: E402
-                   model_state_dict, run_main)
+                   model_state_dict, run_main, with_own_head)
 
 DEFAULT_IMAGE = HERE / "assets" / "default.png"
 
@@ -206,7 +206,7 @@ def build_model(args, device):
     except ValueError as e:
         raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
     if args.baseline:  # original SiT has no SRA head; features() never uses it, so keep the fresh one
-        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("ap_head.")}, **state}
+        state = with_own_head(model, state)
     hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
     load_weights(model, state, f"--ckpt {args.ckpt}", hint + (" --baseline" if args.baseline else ""))
     return model.to(device).eval().requires_grad_(False)
