@@ -7,8 +7,9 @@ SiT (SiT-... models): the Euler-Maruyama SDE sampler, --num-steps steps (250), c
 guidance --cfg-scale on the interval [--guidance-low, --guidance-high] (1.8 on [0, 0.7], gen.sh's).
 "ours" is what SiT-SRA/generate.py runs: `samplers.euler_maruyama_sampler` with the model wrapped
 by `sampling_io.autocast_call` at --precision (its Linear and Conv weights cast once by
-`sampling_io.cast_for_autocast`) and the per-sample step noise of `sampling_io.RowGenerators`; "reference" is `reference_sample.reference_sde_sampler`, the released
-loop (float32 model, per-step tensors, score on the doubled batch, on-device noise).
+`sampling_io.cast_for_autocast`) and the per-sample step noise of `sampling_io.RowGenerators`;
+"reference" is `reference_sample.reference_sde_sampler`, the released loop (float32 model, per-step
+tensors, score on the doubled batch, on-device noise).
 
 DiT (DiT-... models): respaced DDPM (`create_diffusion(str(--num-steps))`, p_sample_loop) with CFG
 through `forward_with_cfg` on the [z; z] batch. "ours" is what DiT-SRA/generate.py runs (its
