@@ -24,9 +24,12 @@ def test_bench_train_times_both_modes_and_prints_the_ratio():
 
 def test_gpu_check_script_runs_both_benchmarks_into_out(tmp_path):
     """The prepared GPU run (one try on a lent GPU is all a session gets), end to end on a tiny model on the CPU:
-    its flags parse, both runs (without and with --compile) finish and their reports land in $OUT."""
+    its flags parse, both runs (without and with --compile) finish and their reports land in $OUT.
+    TORCH_COMPILE_DISABLE makes torch.compile a no-op here (a cold compile would add a minute); compiled steps are
+    tested in test_train_compile.py and test_train_step_matches_reference.py."""
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "TORCH_COMPILE_DISABLE": "1"}
     result = subprocess.run(["bash", str(script), *TINY, "--batch-size", "2", "--warmup", "1", "--steps", "1",
                              "--rounds", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
