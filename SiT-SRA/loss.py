@@ -57,7 +57,7 @@ class SRALoss:
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", block_out_s=8, block_out_t=20,
-                 t_max=0.2, loss_type="sml1", cfg_prob=0.1, num_classes=1000):
+                 t_max=0.2, loss_type="cos", cfg_prob=0.1, num_classes=1000):
         if prediction != "v":
             raise ValueError(f"prediction {prediction!r} is not supported: SiT-SRA predicts the velocity 'v'")
         if weighting not in ("uniform", "lognormal"):

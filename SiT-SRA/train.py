@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-nonfinite", type=non_negative_int, default=0,
                    help="steps with a non-finite loss to skip before stopping")
     # loss
-    p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
+    p.add_argument("--loss-type", choices=LOSS_TYPES, default="cos",
+                   help="cos (released default, constant weight 0.5) or sml1 (the paper's table, decayed weight)")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")
     p.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["v"], default="v")
