@@ -2,7 +2,7 @@
 import pytest
 from conftest import TREE
 
-SHARED = ["dataset.py", "utils.py", "training.py", "sampling_io.py", "tests/conftest.py", "tests/test_sampling_io.py"]
+SHARED = ["blocks.py", "dataset.py", "utils.py", "training.py", "sampling_io.py", "tests/conftest.py", "tests/test_sampling_io.py"]
 
 
 @pytest.mark.parametrize("name", SHARED)
