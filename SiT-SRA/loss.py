@@ -7,11 +7,9 @@ t_teacher = clamp(t - t_max * u, 0, 1), u ~ U(0, 1), built from the same data an
 import math
 
 import torch
-import torch.nn.functional as F
 
-from path import interpolant
-
-LOSS_TYPES = ("sml1", "l2", "l1", "cos")
+from alignment import alignment, check_loss_type
+from path import PATH_TYPES, interpolant
 
 
 def mean_flat(x):
@@ -19,52 +17,26 @@ def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-def alignment(h_student, h_teacher, loss_type):
-    """Alignment loss between (N, T, D) features: a scalar, or (N, D) for 'cos'.
-
-    'cos' is PyTorch's default cosine similarity over dim=1, i.e. over the TOKEN axis (one
-    similarity per channel), which is what the released code computes.
-    """
-    if loss_type == "sml1":
-        return F.smooth_l1_loss(h_student, h_teacher, beta=0.05)
-    if loss_type == "l2":
-        return F.mse_loss(h_student, h_teacher)
-    if loss_type == "l1":
-        return F.l1_loss(h_student, h_teacher)
-    if loss_type == "cos":
-        return 1 - F.cosine_similarity(h_student, h_teacher)
-    raise ValueError(f"unknown loss type {loss_type!r}: use one of {LOSS_TYPES}")
-
-
-def align_weight(loss_type, epoch, resolution, base=2.0):
-    """Weight of the alignment loss at `epoch` (0-based): constant 0.5 for 'cos', else `base`
-    decayed by 10x over 1000 epochs after epoch 149 (256 px) or 800 epochs after 99 (512 px)."""
-    if loss_type == "cos":
-        return 0.5
-    start, length = (99, 800) if resolution >= 512 else (149, 1000)
-    exponent = (epoch - start) / length + 1 if epoch > start else 1
-    return base * 0.1 ** exponent
-
-
 class SRALoss:
-    """loss_fn(model, x0, teacher, y) -> (denoising (N,), alignment as `alignment` returns it).
+    """loss_fn(model, x0, y) -> (denoising (N,), alignment as `alignment.alignment` returns it).
 
-    teacher: the EMA model, or None for the no-SRA baseline (alignment 0, no teacher forward).
+    teacher: the EMA model, whose `features` up to block `block_out_t` are the targets, or None for
+    the no-SRA baseline (alignment 0, no teacher forward).
 
-    Random draws, in this order (same seed, same losses as the released code):
+    Random draws, in this order (same seed, same losses as the released code; docs/training.md):
     t and t_teacher on the CPU default generator, then the noise and the class dropout on x0's device.
     The times reach the device in one copy from pinned memory, so the step does not wait on the GPU.
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", block_out_s=8, block_out_t=20,
-                 t_max=0.2, loss_type="cos", cfg_prob=0.1, num_classes=1000):
+                 t_max=0.2, loss_type="cos", cfg_prob=0.1, num_classes=1000, teacher=None):
         if prediction != "v":
             raise ValueError(f"prediction {prediction!r} is not supported: SiT-SRA predicts the velocity 'v'")
         if weighting not in ("uniform", "lognormal"):
             raise ValueError(f"unknown weighting {weighting!r}: use 'uniform' or 'lognormal'")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss type {loss_type!r}: use one of {LOSS_TYPES}")
-        interpolant(0.0, path_type)
+        check_loss_type(loss_type)
+        if path_type not in PATH_TYPES:
+            raise ValueError(f"unknown path type {path_type!r}: use one of {PATH_TYPES}")
         self.path_type = path_type
         self.weighting = weighting
         self.block_out_s = block_out_s
@@ -73,6 +45,7 @@ class SRALoss:
         self.loss_type = loss_type
         self.cfg_prob = cfg_prob
         self.num_classes = num_classes
+        self.teacher = teacher
 
     def sample_times(self, batch_size):
         """Student and teacher times (N, 1, 1, 1) on the CPU; the teacher's are never noisier."""
@@ -84,7 +57,7 @@ class SRALoss:
         t_teacher = torch.clamp(t - self.t_max * torch.rand_like(t), 0, 1)
         return t, t_teacher
 
-    def __call__(self, model, x0, teacher, y):
+    def __call__(self, model, x0, y):
         times = torch.cat(self.sample_times(x0.shape[0]))
         if x0.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
             times = times.pin_memory()
@@ -100,11 +73,11 @@ class SRALoss:
             drop = torch.rand(y.shape[0], device=y.device) < self.cfg_prob
             y = torch.where(drop, self.num_classes, y)
 
-        if teacher is None:  # the no-SRA baseline: plain flow matching
+        if self.teacher is None:  # the no-SRA baseline: plain flow matching
             prediction = model(x_t, t.flatten(), y)
             return mean_flat((prediction - target) ** 2), torch.zeros((), device=x0.device)
         prediction, h_student = model(x_t, t.flatten(), y, align_depth=self.block_out_s)
         with torch.no_grad():
-            h_teacher = teacher.features(x_teacher, t_teacher.flatten(), y, depth=self.block_out_t)
+            h_teacher = self.teacher.features(x_teacher, t_teacher.flatten(), y, depth=self.block_out_t)
         denoising = mean_flat((prediction - target) ** 2)
         return denoising, alignment(h_student, h_teacher, self.loss_type)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+PATH_TYPES = ("linear", "cosine")
+
 
 def interpolant(t, path_type="linear"):
     """Returns (alpha, sigma, d_alpha, d_sigma) at time t (a tensor or a float), same shape as t."""
@@ -17,4 +19,4 @@ def interpolant(t, path_type="linear"):
         half_pi = math.pi / 2
         return (torch.cos(half_pi * t), torch.sin(half_pi * t),
                 -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-    raise ValueError(f"unknown path type {path_type!r}: use 'linear' or 'cosine'")
+    raise ValueError(f"unknown path type {path_type!r}: use one of {PATH_TYPES}")

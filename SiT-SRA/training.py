@@ -1,8 +1,13 @@
-"""Pieces of the training loop that both trees share: the resumable batch order, RNG state,
-one optimisation step with its EMA update, pre-emption signals and the checkpoint folder.
+"""The training loop both train.py share, and its pieces: the run's setup, the resumable batch
+order, RNG state, one optimisation step with its EMA update, the loss log, pre-emption signals,
+resume and checkpoints. What a checkpoint holds and the order of the random draws, on which an
+exact resume depends, are written down in docs/training.md.
 
 This file is identical in SiT-SRA/ and DiT-SRA/ (a test checks it), so each tree runs alone.
 """
+import copy
+import json
+import logging
 import os
 import random
 import signal
@@ -10,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
-from dataset import sample_posterior
-from utils import UserError, save_atomic
+from alignment import align_weight
+from dataset import LatentDataset, sample_posterior
+from utils import UserError, check_writable, load_checkpoint, load_weights, save_atomic
 
 EMA_DECAY = 0.9999
 
@@ -65,11 +74,23 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(as_tensor(state["cuda"]))
 
 
-@torch.no_grad()
-def update_ema(ema_params, model_params, decay=EMA_DECAY):
-    """ema = decay * ema + (1 - decay) * param, for all parameters at once, as ema += (1 - decay) (param - ema):
-    one pass over the EMA instead of a multiply pass and an add pass."""
-    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+class EMA:
+    """The exponential moving average of a model's parameters: the sampled model and SRA's teacher.
+
+    Copy it after `accelerator.prepare`, so that under DDP every process copies rank 0's broadcast
+    weights (copied before, each process's teacher would start from its own initialisation).
+    """
+
+    def __init__(self, model, decay=EMA_DECAY):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.params, self.source_params = list(self.model.parameters()), list(model.parameters())
+
+    @torch.no_grad()
+    def update(self):
+        """ema = decay * ema + (1 - decay) * param, for all parameters at once, as ema += (1 - decay)
+        (param - ema): one pass over the EMA instead of a multiply pass and an add pass."""
+        torch._foreach_lerp_(self.params, self.source_params, 1 - self.decay)
 
 
 def clip_inside_fused_adamw(optimizer, parameters, max_grad_norm):
@@ -83,46 +104,50 @@ def clip_inside_fused_adamw(optimizer, parameters, max_grad_norm):
     return grad_norm
 
 
-def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w, max_grad_norm,
-               ema_params, model_params, phase_end=None, ema_decay=EMA_DECAY):
+def loss_backward(accelerator, model, loss_fn, x0, labels, align_w):
+    """Forward under autocast and backward of denoising + align_w * alignment; returns both losses
+    as 0-dim device tensors (detached, not read: no sync)."""
+    with accelerator.autocast():
+        denoising, align = loss_fn(model, x0, labels)
+        loss = denoising.mean() + align_w * align.mean()
+    accelerator.backward(loss)
+    return denoising.detach().mean(), align.detach().mean()
+
+
+def optimizer_step(accelerator, model, optimizer, max_grad_norm):
+    """Clips (inside the fused AdamW, `clip_inside_fused_adamw`) and steps when the gradients are
+    synchronised; returns the gradient norm (0-dim device tensor), None on a micro-batch that only
+    accumulates (the prepared optimizer skips its step there)."""
+    grad_norm = None
+    if accelerator.sync_gradients:
+        if accelerator.scaler is None:
+            grad_norm = clip_inside_fused_adamw(optimizer.optimizer, model.parameters(), max_grad_norm)
+        else:  # fp16: the GradScaler unscales first and sets grad_scale and found_inf itself
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm).detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, align_w, max_grad_norm):
     """One micro-batch of SRA training as train.py runs it, without a host-device sync.
 
-    accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW, which
-        also clips (`clip_inside_fused_adamw`) and skips the update on a non-finite gradient norm
-        without a sync.
-    loss_fn: the tree's SRALoss; teacher: the EMA model (or None for the no-SRA baseline).
+    accelerator, model, optimizer: prepared by `accelerator`; the optimizer is a fused AdamW.
+    loss_fn: the tree's SRALoss, which holds its teacher (the EMA model, or None for no SRA).
+    ema: an `EMA` of the unwrapped model; it moves after every optimizer step (not after a
+        micro-batch that only accumulates).
     moments: (N, 8, h, w) posterior mean and std on the device; labels: (N,) long class ids.
     align_w: the alignment weight of this epoch; max_grad_norm: the clipping threshold.
-    ema_params, model_params: the EMA's and the unwrapped model's parameter lists; the EMA moves
-        after every optimizer step (not after a micro-batch that only accumulates).
-    phase_end: optional callable(phase) called after "data", "loss_backward", "optimizer" and "ema",
-        for a benchmark's instrumented pass; training passes None.
-    ema_decay: the EMA's decay per optimizer step (0.9999 in the paper).
     Returns (denoising loss, alignment loss, gradient norm) as 0-dim device tensors; the gradient
     norm is None on a micro-batch that only accumulates.
     """
-    mark = phase_end or (lambda phase: None)
     with accelerator.accumulate(model):
         x0 = sample_posterior(moments)
-        mark("data")
-        with accelerator.autocast():
-            denoising, align = loss_fn(model, x0, teacher, labels)
-            loss = denoising.mean() + align_w * align.mean()
-        accelerator.backward(loss)
-        mark("loss_backward")
-        grad_norm = None
-        if accelerator.sync_gradients:
-            if accelerator.scaler is None:
-                grad_norm = clip_inside_fused_adamw(optimizer.optimizer, model.parameters(), max_grad_norm)
-            else:  # fp16: the GradScaler unscales first and sets grad_scale and found_inf itself
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm).detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mark("optimizer")
+        denoising, align = loss_backward(accelerator, model, loss_fn, x0, labels, align_w)
+        grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm)
     if accelerator.sync_gradients:
-        update_ema(ema_params, model_params, ema_decay)
-        mark("ema")
-    return denoising.detach().mean(), align.detach().mean(), grad_norm
+        ema.update()
+    return denoising, align, grad_norm
 
 
 def compile_models(model, ema):
@@ -177,3 +202,251 @@ def write_checkpoint(ckpt, checkpoint_dir, name, keep_last=0):
         by_step = sorted(checkpoint_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
         for old in by_step[:-keep_last]:
             old.unlink()
+
+
+def start_run(args, folders=("checkpoints",)):
+    """The accelerator, writable experiment folders, log file and seed of a run.
+
+    Returns (accelerator, exp_dir); `folders` are created inside output-dir/exp-name.
+    """
+    exp_dir = Path(args.output_dir) / args.exp_name
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.no_sra)],
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != accelerator.num_processes:
+        raise UserError(f"WORLD_SIZE={world_size} but accelerate runs {accelerator.num_processes} process(es): "
+                        "on a machine without GPUs set ACCELERATE_USE_CPU=true")
+    is_main = accelerator.is_main_process
+    if is_main:
+        for folder in (exp_dir, *(exp_dir / name for name in folders)):
+            check_writable(folder, "--output-dir")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(exp_dir / "log.txt")] if is_main
+                        else [logging.NullHandler()])
+    set_seed(args.seed + accelerator.process_index)
+    return accelerator, exp_dir
+
+
+def build_model(models, args):
+    """The model of --model for --resolution from the tree's registry, with the --block-out-s/-t
+    depths checked against it (unless --no-sra)."""
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 8 (the VAE's downsampling)")
+    try:
+        model = models[args.model](input_size=args.resolution // 8, num_classes=args.num_classes,
+                                   class_dropout_prob=args.cfg_prob, fused_attn=args.fused_attn, qk_norm=args.qk_norm)
+    except ValueError as e:
+        raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
+    if not args.no_sra:
+        for flag, depth in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
+            if not 1 <= depth <= model.depth:
+                raise UserError(f"{flag} {depth} is outside 1..{model.depth}, the depth of {args.model}")
+        if args.block_out_s >= args.block_out_t:
+            raise UserError(f"--block-out-s {args.block_out_s} must be shallower than --block-out-t {args.block_out_t}")
+    return model
+
+
+def fused_adamw(model, args):
+    """AdamW of the --learning-rate, --adam-* flags with the fused kernel (which also clips, see
+    `clip_inside_fused_adamw`)."""
+    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
+
+
+class LossLog:
+    """Per-step losses kept on the device and written to losses.jsonl at each `flush`, the one host
+    sync of the loop. Counts non-finite steps (their update was skipped by the optimizer) and stops
+    the run once there are more than --skip-nonfinite."""
+
+    def __init__(self, accelerator, path, skip_nonfinite, nonfinite_skipped=0):
+        self.accelerator, self.path, self.skip_nonfinite = accelerator, path, skip_nonfinite
+        self.nonfinite_skipped = nonfinite_skipped
+        self.pending = []  # (step, epoch, (denoising, align, grad norm) device tensors)
+        self.progress = None  # the tqdm bar that shows the latest losses
+
+    def truncate(self, steps):
+        """Drops the lines after `steps`, so that a resumed run's log matches an uninterrupted one."""
+        if self.accelerator.is_main_process:
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            kept = [line for line in lines if json.loads(line)["step"] <= steps]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def append(self, step, epoch, losses):
+        self.pending.append((step, epoch, losses))
+
+    def flush(self):
+        """Averages the pending steps over processes, writes them, and checks they are finite."""
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack(v) for _, _, v in self.pending]).float()
+        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean").cpu().tolist()
+        records = [{"step": s, "epoch": e, "loss": d, "align_loss": a, "grad_norm": g}
+                   for (s, e, _), (d, a, g) in zip(self.pending, values)]
+        self.pending.clear()
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            last = records[-1]
+            self.progress.set_postfix(gen_loss=f"{last['loss']:.4f}", align_loss=f"{last['align_loss']:.4f}")
+            self.accelerator.log({k: last[k] for k in ("loss", "align_loss", "grad_norm")}, step=last["step"])
+        bad = [r for r in records if not np.isfinite([r["loss"], r["align_loss"]]).all()]
+        self.nonfinite_skipped += len(bad)
+        if bad and self.nonfinite_skipped > self.skip_nonfinite:
+            r = bad[0]
+            raise UserError(f"non-finite loss at step {r['step']}: denoising loss {r['loss']}, alignment loss "
+                            f"{r['align_loss']} (the step was not applied; allow skipping with --skip-nonfinite)")
+        if bad:
+            logging.getLogger("train").info(f"skipped {len(bad)} non-finite step(s) at {[r['step'] for r in bad]}")
+
+
+def latent_loader(args, accelerator):
+    """The --data-dir latents in this process's resumable batch order: (loader, sampler, items)."""
+    dataset = LatentDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes)
+    global_batch = args.batch_size * accelerator.num_processes
+    if len(dataset) < global_batch * args.gradient_accumulation_steps:
+        raise UserError(f"--data-dir {args.data_dir}: {len(dataset)} items, fewer than one global batch of "
+                        f"{global_batch * args.gradient_accumulation_steps}")
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, accelerator.process_index, accelerator.num_processes,
+                                args.seed)
+    # The loader's own generator keeps its worker seeds from drawing on the global RNG, which a
+    # resumed run restores exactly.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator())
+    return loader, sampler, len(dataset)
+
+
+class Trainer:
+    """The loop of train.py: data order, resume, the EMA, the steps, the loss log and checkpoints.
+
+    Built from the tree's model and optimizer (not yet prepared); it restores a --resume-ckpt,
+    prepares both with the accelerator and copies the EMA. `run` trains with the tree's loss.
+    """
+
+    def __init__(self, args, accelerator, model, optimizer, exp_dir):
+        self.args, self.accelerator = args, accelerator
+        self.exp_dir, self.checkpoint_dir = exp_dir, exp_dir / "checkpoints"
+        self.logger = logging.getLogger("train")
+        self.loader, self.sampler, self.num_items = latent_loader(args, accelerator)
+        global_batch = args.batch_size * accelerator.num_processes
+        self.steps_per_epoch = self.num_items // global_batch // args.gradient_accumulation_steps
+        self.steps, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.loss_log = LossLog(accelerator, exp_dir / "losses.jsonl", args.skip_nonfinite)
+        ckpt = self.resume(model, optimizer) if args.resume_ckpt else None
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if ckpt is not None and accelerator.scaler is not None and ckpt.get("scaler"):
+            accelerator.scaler.load_state_dict(ckpt["scaler"])
+        self.raw_model = accelerator.unwrap_model(self.model)
+        self.ema = EMA(self.raw_model, args.ema_decay)
+        if ckpt is not None:
+            load_weights(self.ema.model, ckpt["ema"], self.resume_source, self.resume_hint)
+        self.saved_rng = ckpt.get("rng") if ckpt is not None else None
+        if args.compile:
+            compile_models(self.raw_model, self.ema.model)
+
+    def resume(self, model, optimizer):
+        """Loads --resume-ckpt into the model, the optimizer and the counters; returns the checkpoint."""
+        args = self.args
+        path = resolve_resume(args.resume_ckpt, self.checkpoint_dir)
+        ckpt = load_checkpoint(path, "--resume-ckpt")
+        self.resume_source = f"--resume-ckpt {path}"
+        self.resume_hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
+        load_weights(model, ckpt["model"], self.resume_source, self.resume_hint)
+        optimizer.load_state_dict(ckpt["opt"])
+        self.steps, self.epoch = ckpt["steps"], ckpt["epoch"]
+        self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
+        self.loss_log.nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)
+        if "rng" in ckpt and len(ckpt["rng"]) != self.accelerator.num_processes:
+            raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
+                            "the same number for an exact resume")
+        self.logger.info(f"resumed from {path} at step {self.steps} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        return ckpt
+
+    def checkpoint_state(self, rngs):
+        """What a checkpoint holds (docs/training.md): the released keys, then what an exact resume needs."""
+        scaler = self.accelerator.scaler
+        return {"model": self.raw_model.state_dict(), "ema": self.ema.model.state_dict(),
+                "opt": self.optimizer.state_dict(), "args": self.args, "epoch": self.epoch, "steps": self.steps,
+                "batch_in_epoch": self.batch_in_epoch, "nonfinite_skipped": self.loss_log.nonfinite_skipped,
+                "rng": rngs, "scaler": scaler.state_dict() if scaler is not None else None}
+
+    def save(self, name, keep_last=0):
+        """Flushes the loss log, then writes checkpoints/name with every process's RNG state."""
+        self.loss_log.flush()
+        rngs = gather_object([rng_state()])
+        if self.accelerator.is_main_process:
+            write_checkpoint(self.checkpoint_state(rngs), self.checkpoint_dir, name, keep_last)
+            self.logger.info(f"saved checkpoint {self.checkpoint_dir / name}")
+        self.accelerator.wait_for_everyone()
+
+    def announce(self):
+        """args.json, the run's summary line, the trackers, and the loss log cut back to the resumed step."""
+        args, accelerator = self.args, self.accelerator
+        if accelerator.is_main_process:
+            (self.exp_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+            params = sum(p.numel() for p in self.raw_model.parameters())
+            self.logger.info(f"{args.model}: {params:,} parameters; {self.num_items:,} items; "
+                             f"{self.steps_per_epoch} steps per epoch; {accelerator.num_processes} process(es)")
+            accelerator.init_trackers("SRA", config=vars(args), init_kwargs={"wandb": {"name": args.exp_name}})
+        self.loss_log.truncate(self.steps)
+
+    def run(self, loss_fn, align_base_weight, after_step=None):
+        """Trains until --max-train-steps or --epochs, or a signal. after_step(steps), if given, runs
+        after each optimizer step (SiT's sample grid). The saved RNG is restored here, last, so that
+        nothing built before shifts the training draws."""
+        args = self.args
+        self.announce()
+        if self.saved_rng is not None:
+            set_rng_state(self.saved_rng[self.accelerator.process_index])
+        stop = StopRequest()
+        max_steps = args.max_train_steps or args.epochs * self.steps_per_epoch
+        self.loss_log.progress = tqdm(total=max_steps, initial=self.steps, desc="steps",
+                                      disable=not self.accelerator.is_main_process)
+        outcome = "finished" if self.steps >= max_steps else None
+        while outcome is None and self.epoch < args.epochs:
+            align_w = 0.0 if args.no_sra else align_weight(args.loss_type, self.epoch, args.resolution,
+                                                           align_base_weight)
+            outcome = self.run_epoch(loss_fn, align_w, max_steps, stop, after_step)
+        if outcome == "stopped":
+            self.logger.info(f"stopped by a signal at step {self.steps}; resume with --resume-ckpt latest "
+                             f"--exp-name {args.exp_name} --output-dir {args.output_dir}")
+            return
+        self.loss_log.flush()
+        self.loss_log.progress.close()
+        self.accelerator.end_training()
+        self.logger.info(f"done: {self.steps} steps, checkpoints in {self.checkpoint_dir}")
+
+    def run_epoch(self, loss_fn, align_w, max_steps, stop, after_step):
+        """Steps through the rest of this epoch; returns "stopped", "finished", or None at its end."""
+        args, accelerator = self.args, self.accelerator
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        for moments, labels in self.loader:
+            moments = moments.to(accelerator.device, non_blocking=True)
+            labels = labels.to(accelerator.device, non_blocking=True)
+            losses = train_step(accelerator, self.model, self.optimizer, loss_fn, self.ema, moments, labels, align_w,
+                                args.max_grad_norm)
+            self.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.steps += 1
+            self.loss_log.progress.update(1)
+            self.loss_log.append(self.steps, self.epoch, losses)
+            finished = self.steps >= max_steps
+            if self.steps % args.log_every == 0 or finished:
+                self.loss_log.flush()
+            if after_step is not None:
+                after_step(self.steps)
+            stopping = stop.agreed(accelerator, at_sync_point=self.steps % args.log_every == 0)
+            if finished or stopping or self.steps % args.checkpoint_steps == 0:
+                self.save(f"step-{self.steps}.pt", args.keep_last)
+            if stopping or finished:
+                return "stopped" if stopping else "finished"
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.epoch % args.checkpoint_epochs == 0:
+            self.save(f"epoch-{self.epoch}.pt")
+        return None

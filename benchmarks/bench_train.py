@@ -72,12 +72,14 @@ def parse_args(argv=None):
 
 
 def import_tree(model_name):
-    """The tree's modules for a SiT-... or DiT-... model: (train, training, loss, models, reference_step)."""
+    """The tree's modules for a SiT-... or DiT-... model: (train, training, alignment, loss, models,
+    reference_step)."""
     family = model_name.split("-")[0]
     if family not in ("SiT", "DiT"):
         sys.exit(f"error: --model {model_name}: expected a SiT-... or DiT-... name")
     sys.path.insert(0, str(REPO / f"{family}-SRA"))
-    return [importlib.import_module(name) for name in ("train", "training", "loss", "models", "reference_step")]
+    return [importlib.import_module(name) for name in ("train", "training", "alignment", "loss", "models",
+                                                         "reference_step")]
 
 
 def model_dims(model):
@@ -149,54 +151,67 @@ class Mode:
     def __init__(self, name, modules, args, cfg, base_state, moments, labels):
         from accelerate import Accelerator
 
-        train, training, loss, models, reference_step = modules
-        self.name = name
+        train, training, alignment, loss, models, reference_step = modules
+        self.name, self.training, self.max_grad_norm = name, training, cfg.max_grad_norm
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
         model = build_model(models, args, cfg)
         model.load_state_dict(base_state)
-        self.loss_fn = build_loss(loss, cfg)
         self.batch = (moments, labels)
-        align_w = loss.align_weight(cfg.loss_type, 0, args.resolution, train.ALIGN_BASE_WEIGHT)
+        self.align_w = alignment.align_weight(cfg.loss_type, 0, args.resolution, train.ALIGN_BASE_WEIGHT)
         if name == "reference":
             # copied before prepare (and moved by hand), as the released code does
             ema = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
             optimizer = reference_step.reference_optimizer(
                 model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                 weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-            model, optimizer = self.accelerator.prepare(model, optimizer)
-            raw_model = self.accelerator.unwrap_model(model)
-            self.teacher = reference_step.FullDepthTeacher(ema)
-
-            def step(teacher, phase_end=None):
-                return reference_step.reference_step(self.accelerator, model, optimizer, self.loss_fn, teacher,
-                                                     *self.batch, align_w, cfg.max_grad_norm, ema, raw_model,
-                                                     phase_end)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.raw_model, self.ema_model = self.accelerator.unwrap_model(self.model), ema
+            self.loss_fn = build_loss(loss, cfg, reference_step.FullDepthTeacher(ema))
+            self._step = lambda phase_end: reference_step.reference_step(
+                self.accelerator, self.model, self.optimizer, self.loss_fn, *self.batch, self.align_w,
+                cfg.max_grad_norm, ema, self.raw_model, phase_end)
         else:  # built as train.py builds it
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                          betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                          eps=cfg.adam_epsilon, fused=True)
-            model, optimizer = self.accelerator.prepare(model, optimizer)
-            raw_model = self.accelerator.unwrap_model(model)
-            ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
-            ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+            self.model, self.optimizer = self.accelerator.prepare(model, training.fused_adamw(model, cfg))
+            self.raw_model = self.accelerator.unwrap_model(self.model)
+            self.ema = training.EMA(self.raw_model, cfg.ema_decay)
+            self.ema_model = self.ema.model
             if args.compile:
-                training.compile_models(raw_model, ema)
-            self.teacher = ema
-
-            def step(teacher, phase_end=None):
-                return training.train_step(self.accelerator, model, optimizer, self.loss_fn, teacher, *self.batch,
-                                           align_w, cfg.max_grad_norm, ema_params, model_params, phase_end,
-                                           ema_decay=cfg.ema_decay)
-        self._step, self.raw_model, self.ema, self.optimizer = step, raw_model, ema, optimizer
+                training.compile_models(self.raw_model, self.ema.model)
+            self.loss_fn = build_loss(loss, cfg, self.ema.model)
+            self._step = lambda phase_end: (self.timed_step(phase_end) if phase_end else training.train_step(
+                self.accelerator, self.model, self.optimizer, self.loss_fn, self.ema, *self.batch, self.align_w,
+                cfg.max_grad_norm))
         self.ms_per_step, self.peak_bytes, self.breakdown, self.syncs = [], None, {}, []
 
-    def step(self, phase_end=None, teacher=None):
-        return self._step(teacher or self.teacher, phase_end)
+    def timed_step(self, mark):
+        """training.train_step's phases one by one, with `mark(phase)` after each (the instrumented pass)."""
+        training, accelerator = self.training, self.accelerator
+        with accelerator.accumulate(self.model):
+            x0 = training.sample_posterior(self.batch[0])
+            mark("data")
+            training.loss_backward(accelerator, self.model, self.loss_fn, x0, self.batch[1], self.align_w)
+            mark("loss_backward")
+            training.optimizer_step(accelerator, self.model, self.optimizer, self.max_grad_norm)
+            mark("optimizer")
+        self.ema.update()
+        mark("ema")
+
+    def step(self, phase_end=None):
+        return self._step(phase_end)
+
+    def timed_breakdown(self, clock):
+        """One instrumented step whose teacher closes the student's phase and times itself."""
+        teacher = self.loss_fn.teacher
+        self.loss_fn.teacher = TimedTeacher(teacher, clock)
+        try:
+            self.step(phase_end=clock)
+        finally:
+            self.loss_fn.teacher = teacher
 
     def resident_bytes(self):
         """Bytes this mode keeps between steps: weights, EMA and optimizer state."""
         state = [v for s in self.optimizer.optimizer.state.values() for v in s.values()]
-        return tensor_bytes([*self.raw_model.parameters(), *self.ema.parameters(), *state])
+        return tensor_bytes([*self.raw_model.parameters(), *self.ema_model.parameters(), *state])
 
 
 def build_model(models, args, cfg):
@@ -207,24 +222,25 @@ def build_model(models, args, cfg):
                                  class_dropout_prob=cfg.cfg_prob, fused_attn=cfg.fused_attn, qk_norm=cfg.qk_norm)
 
 
-def build_loss(loss, cfg):
-    """The tree's SRALoss with train.py's defaults."""
+def build_loss(loss, cfg, teacher):
+    """The tree's SRALoss with train.py's defaults and the given teacher."""
     if hasattr(cfg, "path_type"):
         return loss.SRALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting,
                             block_out_s=cfg.block_out_s, block_out_t=cfg.block_out_t, t_max=cfg.t_max,
-                            loss_type=cfg.loss_type, cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes)
+                            loss_type=cfg.loss_type, cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes,
+                            teacher=teacher)
     from diffusion import create_diffusion
 
     return loss.SRALoss(create_diffusion(timestep_respacing=""), block_out_s=cfg.block_out_s,
                         block_out_t=cfg.block_out_t, t_max=cfg.t_max, loss_type=cfg.loss_type,
-                        cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes)
+                        cfg_prob=cfg.cfg_prob, num_classes=cfg.num_classes, teacher=teacher)
 
 
 def main(args):
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     modules = import_tree(args.model)
-    train, models = modules[0], modules[3]
+    train, models = modules[0], modules[4]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
@@ -287,7 +303,7 @@ def main(args):
         clock = PhaseClock(sync)
         for _ in range(args.breakdown_steps):
             clock.start()
-            mode.step(phase_end=clock, teacher=TimedTeacher(mode.teacher, clock))
+            mode.timed_breakdown(clock)
         mode.breakdown = {k: 1000 * v / args.breakdown_steps for k, v in clock.totals.items()}
         if cuda:
             mode.syncs = host_syncs(mode.step)

@@ -10,15 +10,15 @@ clipping) but spends its time the way the released code does:
 - every step reads the gathered losses and gradient norm back to the host with `.item()`.
 Attention is the model's own (SDPA in both), since the released models use SDPA too.
 
-Import it with a tree (SiT-SRA/ or DiT-SRA/) on sys.path: it uses that tree's `sample_posterior`.
+Import it with a tree (SiT-SRA/ or DiT-SRA/) on sys.path: it uses that tree's `sample_posterior`
+and the EMA decay of its `training`.
 """
 from collections import OrderedDict
 
 import torch
 
 from dataset import sample_posterior
-
-EMA_DECAY = 0.9999
+from training import EMA_DECAY
 
 
 def reference_optimizer(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8):
@@ -58,12 +58,12 @@ def reference_update_ema(ema, model, decay=EMA_DECAY):
         ema_params[name.replace("module.", "")].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
-def reference_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels, align_w, max_grad_norm,
-                   ema, raw_model, phase_end=None):
+def reference_step(accelerator, model, optimizer, loss_fn, moments, labels, align_w, max_grad_norm, ema, raw_model,
+                   phase_end=None):
     """One micro-batch as the released train.py runs it; arguments as `training.train_step`, except:
 
-    teacher: a FullDepthTeacher (or None for no alignment); optimizer: prepared from
-    `reference_optimizer`; ema, raw_model: the EMA model and the unwrapped student.
+    loss_fn: the tree's SRALoss holding a FullDepthTeacher (or None for no alignment); optimizer:
+    prepared from `reference_optimizer`; ema, raw_model: the EMA model and the unwrapped student.
     phase_end: optional callable(phase) after "data", "loss_backward", "optimizer", "ema", "log".
     Returns (denoising loss, alignment loss, gradient norm) as Python floats, read every step.
     """
@@ -73,7 +73,7 @@ def reference_step(accelerator, model, optimizer, loss_fn, teacher, moments, lab
     mark("data")
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            denoising, align = loss_fn(model, x0, teacher, labels)
+            denoising, align = loss_fn(model, x0, labels)
             denoising_mean, align_mean = denoising.mean(), align.mean()
             loss = denoising_mean + align_w * align_mean
         accelerator.backward(loss)

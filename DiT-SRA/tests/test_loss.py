@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import create_diffusion
-from loss import SRALoss, align_weight
+from alignment import align_weight
+from loss import SRALoss
 from models import DiT
+from train import ALIGN_BASE_WEIGHT
 
 DIFFUSION = create_diffusion("")
 
@@ -57,9 +59,9 @@ def test_loss_equals_an_independent_reimplementation(loss_type):
     g = torch.Generator().manual_seed(3)
     x0, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
     loss_fn = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.3, loss_type=loss_type, cfg_prob=0.4,
-                      num_classes=10)
+                      num_classes=10, teacher=teacher)
     torch.manual_seed(7)
-    denoising, align = loss_fn(model, x0, teacher, y)
+    denoising, align = loss_fn(model, x0, y)
     after = torch.rand(1)
     torch.manual_seed(7)
     with torch.no_grad():
@@ -73,7 +75,7 @@ def test_vb_term_trains_only_the_variance_channels():
     model, teacher = tiny_pair()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     torch.manual_seed(0)
-    denoising, _ = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, num_classes=10)(model, x0, teacher, y)
+    denoising, _ = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, num_classes=10, teacher=teacher)(model, x0, y)
     assert denoising.shape == (4,) and torch.isfinite(denoising).all()
     denoising.mean().backward()
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
@@ -93,13 +95,13 @@ def test_teacher_step_is_never_noisier_except_at_the_clamp():
     model.forward = recording("t", model.forward)
     teacher.features = recording("t_teacher", teacher.features)
     x0, y = torch.randn(512, 4, 8, 8), torch.randint(0, 10, (512,))
-    SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.2, num_classes=10)(model, x0, teacher, y)
+    SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.2, num_classes=10, teacher=teacher)(model, x0, y)
     t, t_teacher = seen["t"], seen["t_teacher"]
     assert (t_teacher <= torch.clamp(t, min=1)).all() and (t_teacher >= 1).all()
     assert (t - t_teacher < 200).all() and (t - t_teacher > 100).any()
 
 
 def test_dit_alignment_weight_uses_base_0_4():
-    assert align_weight("sml1", 0, 256) == pytest.approx(0.04)
-    assert align_weight("sml1", 1149, 256) == pytest.approx(0.004)
-    assert align_weight("sml1", 899, 512) == pytest.approx(0.004)
+    assert align_weight("sml1", 0, 256, ALIGN_BASE_WEIGHT) == pytest.approx(0.04)
+    assert align_weight("sml1", 1149, 256, ALIGN_BASE_WEIGHT) == pytest.approx(0.004)
+    assert align_weight("sml1", 899, 512, ALIGN_BASE_WEIGHT) == pytest.approx(0.004)

@@ -35,8 +35,9 @@ def new_model():
     return DiT_models["DiT-T/2"](input_size=4, num_classes=10)
 
 
-def loss_fn():
-    return SRALoss(create_diffusion(""), block_out_s=2, block_out_t=4, t_max=0.2, cfg_prob=0.5, num_classes=10)
+def loss_fn(teacher):
+    return SRALoss(create_diffusion(""), block_out_s=2, block_out_t=4, t_max=0.2, cfg_prob=0.5, num_classes=10,
+                   teacher=teacher)
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, ALIGN_W = 1e-3, 0.01, 0.5, 2.0
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-8}
@@ -81,22 +82,22 @@ def result(losses, raw, ema, optimizer):
 
 
 def fast_step(state, ema_state, moments, labels, seed, compile=False):
-    """As train.py: fused AdamW, EMA copied after prepare, training.compile_models with --compile,
-    training.train_step."""
+    """As train.py: fused AdamW, training.EMA copied after prepare, training.compile_models with
+    --compile, training.train_step."""
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     model = new_model()
     model.load_state_dict(state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    ema.load_state_dict(ema_state)
+    ema = training.EMA(raw)
+    ema.model.load_state_dict(ema_state)
     if compile:
-        training.compile_models(raw, ema)
+        training.compile_models(raw, ema.model)
     torch.manual_seed(seed)
-    losses = training.train_step(accelerator, model, optimizer, loss_fn(), ema, moments, labels, ALIGN_W,
-                                 MAX_GRAD_NORM, list(ema.parameters()), list(raw.parameters()))
-    return result([value.item() for value in losses], raw, ema, optimizer)
+    losses = training.train_step(accelerator, model, optimizer, loss_fn(ema.model), ema, moments, labels, ALIGN_W,
+                                 MAX_GRAD_NORM)
+    return result([value.item() for value in losses], raw, ema.model, optimizer)
 
 
 def reference_run(state, ema_state, moments, labels, seed):
@@ -110,7 +111,7 @@ def reference_run(state, ema_state, moments, labels, seed):
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     torch.manual_seed(seed)
-    losses = reference.reference_step(accelerator, model, optimizer, loss_fn(), reference.FullDepthTeacher(ema),
+    losses = reference.reference_step(accelerator, model, optimizer, loss_fn(reference.FullDepthTeacher(ema)),
                                       moments, labels, ALIGN_W, MAX_GRAD_NORM, ema, raw)
     return result(list(losses), raw, ema, optimizer)
 

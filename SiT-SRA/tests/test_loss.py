@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import SRALoss, align_weight
+from alignment import align_weight
+from loss import SRALoss
 from models import SiT
 from path import interpolant
+from train import ALIGN_BASE_WEIGHT
 
 
 def tiny_pair():
@@ -63,9 +65,9 @@ def test_loss_equals_an_independent_reimplementation(loss_type, path_type, weigh
     g = torch.Generator().manual_seed(3)
     x0, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
     loss_fn = SRALoss(path_type=path_type, weighting=weighting, block_out_s=1, block_out_t=3, t_max=0.3,
-                      loss_type=loss_type, cfg_prob=0.4, num_classes=10)
+                      loss_type=loss_type, cfg_prob=0.4, num_classes=10, teacher=teacher)
     torch.manual_seed(7)
-    denoising, align = loss_fn(model, x0, teacher, y)
+    denoising, align = loss_fn(model, x0, y)
     after = torch.rand(1)
     torch.manual_seed(7)
     with torch.no_grad():
@@ -81,8 +83,8 @@ def test_loss_equals_an_independent_reimplementation(loss_type, path_type, weigh
 def test_gradients_reach_the_student_and_never_the_teacher():
     model, teacher = tiny_pair()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
-    denoising, align = SRALoss(block_out_s=1, block_out_t=3, num_classes=10)(model, x0, teacher, y)
-    (denoising.mean() + align).backward()
+    denoising, align = SRALoss(block_out_s=1, block_out_t=3, num_classes=10, teacher=teacher)(model, x0, y)
+    (denoising.mean() + align.mean()).backward()
     assert model.ap_head.linear1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -90,9 +92,9 @@ def test_gradients_reach_the_student_and_never_the_teacher():
 def test_no_dropout_draw_without_class_dropout():
     model, teacher = tiny_pair()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
-    loss_fn = SRALoss(block_out_s=1, block_out_t=3, cfg_prob=0.0, num_classes=10)
+    loss_fn = SRALoss(block_out_s=1, block_out_t=3, cfg_prob=0.0, num_classes=10, teacher=teacher)
     torch.manual_seed(0)
-    loss_fn(model, x0, teacher, y)
+    loss_fn(model, x0, y)
     after = torch.rand(1)
     torch.manual_seed(0)
     torch.rand(4, 1, 1, 1), torch.rand(4, 1, 1, 1), torch.randn_like(x0)
@@ -124,13 +126,14 @@ def test_velocity_target_is_the_time_derivative_of_the_interpolant(path_type):
 
 
 def test_alignment_weight_schedule():
-    assert align_weight("cos", 500, 256) == 0.5
-    assert align_weight("sml1", 0, 256) == pytest.approx(0.2)
-    assert align_weight("sml1", 149, 256) == pytest.approx(0.2)
-    assert align_weight("sml1", 1149, 256) == pytest.approx(0.02)
-    assert align_weight("sml1", 649, 256) == pytest.approx(2 * 0.1 ** 1.5)
-    assert align_weight("l2", 99, 512) == pytest.approx(0.2)
-    assert align_weight("l2", 899, 512) == pytest.approx(0.02)
+    assert ALIGN_BASE_WEIGHT == 2.0
+    assert align_weight("cos", 500, 256, ALIGN_BASE_WEIGHT) == 0.5
+    assert align_weight("sml1", 0, 256, ALIGN_BASE_WEIGHT) == pytest.approx(0.2)
+    assert align_weight("sml1", 149, 256, ALIGN_BASE_WEIGHT) == pytest.approx(0.2)
+    assert align_weight("sml1", 1149, 256, ALIGN_BASE_WEIGHT) == pytest.approx(0.02)
+    assert align_weight("sml1", 649, 256, ALIGN_BASE_WEIGHT) == pytest.approx(2 * 0.1 ** 1.5)
+    assert align_weight("l2", 99, 512, ALIGN_BASE_WEIGHT) == pytest.approx(0.2)
+    assert align_weight("l2", 899, 512, ALIGN_BASE_WEIGHT) == pytest.approx(0.02)
     assert align_weight("sml1", 0, 256, base=0.4) == pytest.approx(0.04)
 
 
