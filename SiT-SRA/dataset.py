@@ -39,23 +39,30 @@ class LatentDataset(Dataset):
                 raise UserError(f"{index_path}: label {bad[0][1]} of {bad[0][0]} is outside 0..{num_classes - 1} "
                                 f"(--num-classes {num_classes}); {len(bad)} such labels")
         self.shape = None if resolution is None else (8, resolution // 8, resolution // 8)
-        if self.shape is not None:
-            self[0]
+        if self.shape is not None:  # a wrong --resolution fails here, not in a DataLoader worker
+            self.check_shape(*self.read(0))
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
-        name, label = self.items[index]
-        path = self.root / name
+    def read(self, index):
+        """(path, moments as stored) of item `index`; an unreadable file is a UserError."""
+        path = self.root / self.items[index][0]
         try:
-            moments = np.load(path)
+            return path, np.load(path)
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read latent file ({e})") from None
+
+    def check_shape(self, path, moments):
+        """A latent of another shape than --resolution's is a UserError."""
         if self.shape is not None and moments.shape != self.shape:
             raise UserError(f"{path}: latent shape {moments.shape}, expected {self.shape} for "
                             f"--resolution {self.shape[1] * 8}")
-        return torch.from_numpy(moments.astype(np.float32, copy=False)), label
+
+    def __getitem__(self, index):
+        path, moments = self.read(index)
+        self.check_shape(path, moments)
+        return torch.from_numpy(moments.astype(np.float32, copy=False)), self.items[index][1]
 
 
 def sample_posterior(moments):
