@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up the environment (once) and runs the whole test suite: ruff, then pytest for each tree.
+# Sets up the environment (once) and runs the whole test suite: ruff, then pytest for each tree,
+# then the project's own tests (tests/: the shared files are identical copies).
 # Each tree runs in its own pytest process, because SiT-SRA/ and DiT-SRA/ both have a models.py,
 # train.py, ... and one interpreter can import only one of each.
 #   bash run_tests.sh            # everything
 #   bash run_tests.sh SiT-SRA    # one tree
+#   bash run_tests.sh .          # the project's tests
 set -uo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh || exit 1
@@ -11,13 +13,13 @@ source ./setup_env.sh || exit 1
 ruff check . || exit 1
 
 trees=("$@")
-[ ${#trees[@]} -gt 0 ] || trees=(SiT-SRA DiT-SRA preprocessing pca-vis demo)
+[ ${#trees[@]} -gt 0 ] || trees=(SiT-SRA DiT-SRA preprocessing pca-vis demo benchmarks .)
 reports=$(mktemp -d)
 status=0
 for tree in "${trees[@]}"; do
   [ -d "$tree/tests" ] || continue
   echo "=== $tree"
-  (cd "$tree" && python -m pytest -q -p no:cacheprovider --junitxml="$reports/$tree.xml" tests) || status=1
+  (cd "$tree" && python -m pytest -q -p no:cacheprovider --junitxml="$reports/${tree/#./project}.xml" tests) || status=1
 done
 python - "$reports" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET

@@ -28,13 +28,11 @@ import copy
 import importlib
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import add_threads_flag, import_tree, set_threads
 
 
 def parse_args(argv=None):
@@ -50,9 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile ours' model")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default on CPU: 1, since on a shared CPU more threads wait on each other "
-                        "at every op; on GPU: torch's)")
+    add_threads_flag(p)
     p.add_argument("--warmup-steps", type=int, default=5, help="steps of the untimed warm-up run per mode")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     p.add_argument("--seed", type=int, default=0)
@@ -116,13 +112,9 @@ def dit_modes(args, model, net, device):
 
 
 def main(args):
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    set_threads(args)
     family = args.model.split("-")[0]
-    if family not in ("SiT", "DiT"):
-        sys.exit(f"error: --model {args.model}: expected a SiT-... or DiT-... name")
-    sys.path.insert(0, str(REPO / f"{family}-SRA"))
-    models = importlib.import_module("models")
+    models, sampling_io = import_tree(args.model, "models", "sampling_io")
     factories = getattr(models, f"{family}_models")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -132,7 +124,7 @@ def main(args):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     # ours' own copy, as generate.py builds it (weights cast once for autocast), compiled without touching the reference's
-    net = importlib.import_module("sampling_io").cast_for_autocast(copy.deepcopy(model), args.precision)
+    net = sampling_io.cast_for_autocast(copy.deepcopy(model), args.precision)
     if args.compile:
         # static shapes: SiT calls the model on N rows outside the guidance interval and 2N inside
         net.compile(dynamic=False)

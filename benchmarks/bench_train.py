@@ -31,7 +31,6 @@ resident state (weights, EMA, optimizer state); on CPU, the process's maximum RS
 """
 import argparse
 import copy
-import importlib
 import resource
 import statistics
 import sys
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import add_threads_flag, import_tree, set_threads
+
 PHASES = ("data->x0", "student fwd+bwd", "teacher fwd", "optimizer", "EMA", "log sync")
 PHASE_OF_MARK = {"data": "data->x0", "loss_backward": "student fwd+bwd", "optimizer": "optimizer", "ema": "EMA",
                  "log": "log sync"}
@@ -59,9 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--block-out-t", type=int, default=None, help="default: train.py's for 28-deep models, else 2 depth/3")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default on CPU: 1, since on a shared CPU more threads wait on each other "
-                        "at every op; on GPU: torch's)")
+    add_threads_flag(p)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (compilation happens here)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
@@ -69,17 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def import_tree(model_name):
-    """The tree's modules for a SiT-... or DiT-... model: (train, training, alignment, loss, models,
-    reference_step)."""
-    family = model_name.split("-")[0]
-    if family not in ("SiT", "DiT"):
-        sys.exit(f"error: --model {model_name}: expected a SiT-... or DiT-... name")
-    sys.path.insert(0, str(REPO / f"{family}-SRA"))
-    return [importlib.import_module(name) for name in ("train", "training", "alignment", "loss", "models",
-                                                         "reference_step")]
 
 
 def model_dims(model):
@@ -237,9 +224,8 @@ def build_loss(loss, cfg, teacher):
 
 
 def main(args):
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    modules = import_tree(args.model)
+    set_threads(args)
+    modules = import_tree(args.model, "train", "training", "alignment", "loss", "models", "reference_step")
     train, models = modules[0], modules[4]
     device = torch.device(args.device)
     cuda = device.type == "cuda"

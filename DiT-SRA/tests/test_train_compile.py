@@ -4,15 +4,13 @@ uncompiled model, and a compiled run resumes onto the losses of an uncompiled on
 
 TORCH_COMPILE_OVERRIDE_BACKENDS hands the captured graphs to the aot_eager backend: dynamo capture
 and AOTAutograd run as in a real compiled run, inductor's C++ build (over a minute on 2 cores) does
-not. test_train_step_matches_reference.py checks inductor's numbers on one step.
+not. benchmarks/tests/test_reference_step.py checks inductor's numbers on one step.
 """
 import json
 
 import torch
-from conftest import run_script
+from conftest import MODELS, TINY_MODEL, run_script
 from test_train import checkpoint, loss_log, train_args
-
-from models import DiT_models
 
 COMPILED = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager", "TORCH_LOGS": "dynamo"}
 
@@ -27,7 +25,7 @@ def test_compiled_run_traces_both_models_and_saves_plain_state_dicts(tmp_path, l
         assert traced in result.stderr, f"no '{traced}' in the dynamo log: --compile compiled nothing"
     ckpt = checkpoint(tmp_path, "step-2.pt")
     for key in ("model", "ema"):
-        fresh = DiT_models["DiT-T/2"](input_size=4, num_classes=10)
+        fresh = MODELS[TINY_MODEL](input_size=4, num_classes=10)
         fresh.load_state_dict(ckpt[key], strict=True)
 
 

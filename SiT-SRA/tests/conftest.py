@@ -1,5 +1,6 @@
 """Puts this tree on sys.path so tests import its modules (models, loss, ...) by their plain names,
-and builds the tiny real inputs the scripts need: a random local VAE and a latent dataset."""
+names the tree's model family (tests shared by both trees use MODELS and TINY_MODEL), and builds
+the tiny real inputs the scripts need: a random local VAE and a latent dataset."""
 import json
 import os
 import subprocess
@@ -11,6 +12,12 @@ import pytest
 
 TREE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TREE))
+
+import models  # noqa: E402 (this tree's, now on sys.path)
+
+FAMILY = models.FAMILY  # "SiT" or "DiT"
+MODELS = getattr(models, f"{FAMILY}_models")
+TINY_MODEL = f"{FAMILY}-T/2"
 
 
 def run_script(*argv, env=None, check=True, timeout=600):
@@ -26,7 +33,7 @@ def run_script(*argv, env=None, check=True, timeout=600):
 
 
 def write_latent_dataset(root, num_items, resolution, num_classes, seed=0):
-    """The real on-disk format of SPEC section 2: vae-sd/dataset.json + float32 (8, r/8, r/8) files."""
+    """The real on-disk format (dataset.py's docstring): vae-sd/dataset.json + float32 (8, r/8, r/8) files."""
     rng = np.random.default_rng(seed)
     vae_dir = Path(root) / "vae-sd"
     labels = []

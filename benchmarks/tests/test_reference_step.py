@@ -1,6 +1,6 @@
 """training.train_step (what train.py runs) against the released code's step as rebuilt in
 benchmarks/reference_step.py (full-depth float32 teacher, default AdamW, per-parameter EMA loop,
-`.item()` every step): from the same state and seed, one float32 step on the CPU.
+`.item()` every step): from the same state and seed, one float32 step on the CPU, in each tree.
 
 Tolerances, uncompiled: the losses and the gradient norm are bitwise equal (the same float32
 operations in the same order; the early-exit teacher only skips the blocks after K). The clipped
@@ -15,52 +15,43 @@ first update is lr * g / (|g| + eps), so where |g| is near eps a rounding differ
 entry by a fraction of lr (measured: 0.08 lr), and the EMA by 1e-4 of that.
 """
 import copy
-import importlib.util
 from collections import namedtuple
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TREE
-
-import training
-from diffusion import create_diffusion
-from loss import SRALoss
-from models import DiT_models
-
-TIMES = torch.tensor([0, 500, 999])
-
-
-def new_model():
-    return DiT_models["DiT-T/2"](input_size=4, num_classes=10)
-
-
-def loss_fn(teacher):
-    return SRALoss(create_diffusion(""), block_out_s=2, block_out_t=4, t_max=0.2, cfg_prob=0.5, num_classes=10,
-                   teacher=teacher)
+from common import import_tree
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, ALIGN_W = 1e-3, 0.01, 0.5, 2.0
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-8}
 COMPILED_TOLERANCE = {"model": {"rtol": 0, "atol": LR}, "ema": {"rtol": 1e-6, "atol": 1e-7}}
+TIMES = {"SiT": torch.tensor([0.0, 0.5, 1.0]), "DiT": torch.tensor([0, 500, 999])}
 
 Step = namedtuple("Step", "losses model ema grads")  # losses: [denoising, align, grad norm]; state dicts
 
 
-def load_reference_step():
-    spec = importlib.util.spec_from_file_location("reference_step", TREE.parent / "benchmarks" / "reference_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = load_reference_step()
+@pytest.fixture(scope="module", params=["SiT", "DiT"])
+def tree(request):
+    """One tree's modules, a tiny model and its SRALoss (block 2 aligned to teacher block 4)."""
+    family = request.param
+    names = ("training", "loss", "models", "reference_step") + (("diffusion",) if family == "DiT" else ())
+    training, loss, models, reference, *diffusion = import_tree(f"{family}-T/2", *names)
+    registry = getattr(models, f"{family}_models")
+    settings = dict(block_out_s=2, block_out_t=4, t_max=0.2, cfg_prob=0.5, num_classes=10)
+    if diffusion:
+        settings["diffusion"] = diffusion[0].create_diffusion("")
+    return SimpleNamespace(
+        family=family, training=training, reference=reference,
+        new_model=lambda: registry[f"{family}-T/2"](input_size=4, num_classes=10),
+        loss_fn=lambda teacher: loss.SRALoss(teacher=teacher, **settings))
 
 
 @pytest.fixture(scope="module")
-def mid_training_state():
+def mid_training_state(tree):
     """Perturbed weights (no zero-initialised gates), an EMA that differs from the model, a batch."""
     torch.manual_seed(0)
-    model = new_model()
+    model = tree.new_model()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -81,49 +72,51 @@ def result(losses, raw, ema, optimizer):
     return Step(losses, raw.state_dict(), ema.state_dict(), grads)
 
 
-def fast_step(state, ema_state, moments, labels, seed, compile=False):
+def fast_step(tree, state, ema_state, moments, labels, seed, compile=False):
     """As train.py: fused AdamW, training.EMA copied after prepare, training.compile_models with
     --compile, training.train_step."""
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    model = new_model()
+    model = tree.new_model()
     model.load_state_dict(state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
-    ema = training.EMA(raw)
+    ema = tree.training.EMA(raw)
     ema.model.load_state_dict(ema_state)
     if compile:
-        training.compile_models(raw, ema.model)
+        tree.training.compile_models(raw, ema.model)
     torch.manual_seed(seed)
-    losses = training.train_step(accelerator, model, optimizer, loss_fn(ema.model), ema, moments, labels, ALIGN_W,
-                                 MAX_GRAD_NORM)
+    losses = tree.training.train_step(accelerator, model, optimizer, tree.loss_fn(ema.model), ema, moments, labels,
+                                      ALIGN_W, MAX_GRAD_NORM)
     return result([value.item() for value in losses], raw, ema.model, optimizer)
 
 
-def reference_run(state, ema_state, moments, labels, seed):
+def reference_run(tree, state, ema_state, moments, labels, seed):
     """As the released code: EMA copied before prepare, default AdamW, reference_step."""
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    model = new_model()
+    model = tree.new_model()
     model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ema.load_state_dict(ema_state)
-    optimizer = reference.reference_optimizer(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = tree.reference.reference_optimizer(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     torch.manual_seed(seed)
-    losses = reference.reference_step(accelerator, model, optimizer, loss_fn(reference.FullDepthTeacher(ema)),
-                                      moments, labels, ALIGN_W, MAX_GRAD_NORM, ema, raw)
+    losses = tree.reference.reference_step(accelerator, model, optimizer,
+                                           tree.loss_fn(tree.reference.FullDepthTeacher(ema)), moments, labels,
+                                           ALIGN_W, MAX_GRAD_NORM, ema, raw)
     return result(list(losses), raw, ema, optimizer)
 
 
-def test_one_step_gives_the_reference_losses_gradients_parameters_and_ema(mid_training_state):
+def test_one_step_gives_the_reference_losses_gradients_parameters_and_ema(tree, mid_training_state):
     state = mid_training_state[0]
-    fast, ref = fast_step(*mid_training_state, seed=1), reference_run(*mid_training_state, seed=1)
+    fast = fast_step(tree, *mid_training_state, seed=1)
+    ref = reference_run(tree, *mid_training_state, seed=1)
 
     assert fast.losses == ref.losses
     assert fast.losses[2] > MAX_GRAD_NORM, "the gradient was not clipped; the test would miss the clipping"
     assert fast.grads.keys() == ref.grads.keys() and len(ref.grads) == sum(p.requires_grad for p in
-                                                                           new_model().parameters())
+                                                                           tree.new_model().parameters())
     for name, grad in ref.grads.items():
         torch.testing.assert_close(fast.grads[name], grad, **TOLERANCE, msg=f"gradient of {name}")
     moved = 0
@@ -134,10 +127,10 @@ def test_one_step_gives_the_reference_losses_gradients_parameters_and_ema(mid_tr
     assert moved > len(state) // 2, "the step barely changed the model; the comparison proves little"
 
 
-def test_compiled_step_gives_the_reference_step_and_plain_parameter_names(mid_training_state):
+def test_compiled_step_gives_the_reference_step_and_plain_parameter_names(tree, mid_training_state):
     state = mid_training_state[0]
-    fast = fast_step(*mid_training_state, seed=1, compile=True)
-    ref = reference_run(*mid_training_state, seed=1)
+    fast = fast_step(tree, *mid_training_state, seed=1, compile=True)
+    ref = reference_run(tree, *mid_training_state, seed=1)
 
     torch.testing.assert_close(fast.losses, ref.losses, rtol=1e-5, atol=0)
     largest = max(grad.abs().max() for grad in ref.grads.values()).item()
@@ -149,15 +142,15 @@ def test_compiled_step_gives_the_reference_step_and_plain_parameter_names(mid_tr
         torch.testing.assert_close(fast.ema[name], ref.ema[name], **COMPILED_TOLERANCE["ema"], msg=f"ema {name}")
 
 
-def test_a_different_seed_gives_different_losses(mid_training_state):
-    assert fast_step(*mid_training_state, seed=1).losses != fast_step(*mid_training_state, seed=2).losses
+def test_a_different_seed_gives_different_losses(tree, mid_training_state):
+    assert fast_step(tree, *mid_training_state, seed=1).losses != fast_step(tree, *mid_training_state, seed=2).losses
 
 
 @pytest.mark.parametrize("depth", range(1, 7))
-def test_early_exit_teacher_equals_full_depth_teacher(mid_training_state, depth):
-    ema = new_model().eval()
+def test_early_exit_teacher_equals_full_depth_teacher(tree, mid_training_state, depth):
+    ema = tree.new_model().eval()
     ema.load_state_dict(mid_training_state[1])
-    x, t, y = torch.randn(3, 4, 4, 4), TIMES, torch.tensor([1, 10, 3])
+    x, t, y = torch.randn(3, 4, 4, 4), TIMES[tree.family], torch.tensor([1, 10, 3])
     with torch.no_grad():
         early = ema.features(x, t, y, depth=depth)
-    assert torch.equal(early, reference.FullDepthTeacher(ema).features(x, t, y, depth=depth))
+    assert torch.equal(early, tree.reference.FullDepthTeacher(ema).features(x, t, y, depth=depth))

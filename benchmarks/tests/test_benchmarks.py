@@ -1,19 +1,20 @@
-"""benchmarks/bench_train.py and bench_sample.py run end to end on a tiny SiT and print both modes
-and their ratio (the figures themselves are measured by hand, see benchmarks/README.md)."""
+"""benchmarks/bench_train.py and bench_sample.py run end to end on a tiny SiT and DiT and print both
+modes and their ratio (the figures themselves are measured by hand, see benchmarks/README.md)."""
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import run_script
+import pytest
+from conftest import BENCHMARKS, run_script
 
-TINY = ["--model", "SiT-T/2", "--resolution", "32", "--threads", "1"]
+TINY = ["--resolution", "32", "--threads", "1"]
 
 
-def test_bench_train_times_both_modes_and_prints_the_ratio():
-    out = run_script("../benchmarks/bench_train.py", *TINY, "--batch-size", "2", "--warmup", "1", "--steps", "1",
-                     "--rounds", "2").stdout
+@pytest.mark.parametrize("model", ["SiT-T/2", "DiT-T/2"])
+def test_bench_train_times_both_modes_and_prints_the_ratio(model):
+    out = run_script("benchmarks/bench_train.py", "--model", model, *TINY, "--batch-size", "2", "--warmup", "1",
+                     "--steps", "1", "--rounds", "2")
     assert "block-out-s 2, block-out-t 4 of 6" in out
     for mode in ("reference", "ours"):
         row = re.search(rf"^{mode} +([0-9.]+) +([0-9.]+)((?: +[0-9.]+){{6}}) +[0-9.]+ +[0-9.]+$", out, re.M)
@@ -26,12 +27,12 @@ def test_gpu_check_script_runs_both_benchmarks_into_out(tmp_path):
     """The prepared GPU run (one try on a lent GPU is all a session gets), end to end on a tiny model on the CPU:
     its flags parse, both runs (without and with --compile) finish and their reports land in $OUT.
     TORCH_COMPILE_DISABLE makes torch.compile a no-op here (a cold compile would add a minute); compiled steps are
-    tested in test_train_compile.py and test_train_step_matches_reference.py."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    tested in the trees' test_train_compile.py and in test_reference_step.py."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "TORCH_COMPILE_DISABLE": "1"}
-    result = subprocess.run(["bash", str(script), *TINY, "--batch-size", "2", "--warmup", "1", "--steps", "1",
-                             "--rounds", "1"], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--model", "SiT-T/2", *TINY, "--batch-size",
+                             "2", "--warmup", "1", "--steps", "1", "--rounds", "1"], env=env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "torch" in (tmp_path / "env.txt").read_text()
     for name, compiled in (("train_sitxl2_bf16.txt", False), ("train_sitxl2_bf16_compile.txt", True)):
@@ -40,9 +41,10 @@ def test_gpu_check_script_runs_both_benchmarks_into_out(tmp_path):
         assert re.search(r"^ratio ours/reference images/s: [0-9.]+x$", report, re.M), report
 
 
-def test_bench_sample_times_both_modes_and_prints_the_ratio():
-    out = run_script("../benchmarks/bench_sample.py", *TINY, "--num-steps", "4", "--warmup-steps", "2",
-                     "--rounds", "1", "--precision", "bf16").stdout
+@pytest.mark.parametrize("model", ["SiT-T/2", "DiT-T/2"])
+def test_bench_sample_times_both_modes_and_prints_the_ratio(model):
+    out = run_script("benchmarks/bench_sample.py", "--model", model, *TINY, "--num-steps", "4", "--warmup-steps",
+                     "2", "--rounds", "1", "--precision", "bf16")
     for mode in ("reference", "ours"):
         assert re.search(rf"^{mode} +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$", out, re.M), f"no row for {mode}:\n{out}"
     assert re.search(r"^ratio ours/reference images/s: [0-9.]+x$", out, re.M)
