@@ -8,7 +8,7 @@
 Writes SAMPLE_DIR/<folder>/{i:06d}.png and SAMPLE_DIR/<folder>.npz (arr_0: uint8 (N, H, W, 3), index order),
 <folder> naming the settings (see `folder_name`).
 
-Sampling (SPEC section 7): respaced DDPM (`create_diffusion("250")`), ancestral steps from Gaussian noise without
+Sampling: respaced DDPM (`create_diffusion("250")`), ancestral steps from Gaussian noise without
 clipping; with --cfg-scale > 1 the batch is [z; z] with labels [y; null] and the model's `forward_with_cfg`.
 `--sampler ddim` runs deterministic DDIM (eta 0) on the same number of evenly strided steps instead.
 

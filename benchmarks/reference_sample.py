@@ -1,6 +1,6 @@
 """The released SiT/SRA Euler-Maruyama sampler, rebuilt for side-by-side timing.
 
-Same mathematics as SiT-SRA/samplers.py `euler_maruyama_sampler` (SPEC section 6), spent the way the
+Same mathematics as SiT-SRA/samplers.py `euler_maruyama_sampler`, spent the way the
 released loop spends it: the model in the latents' dtype (float32, no autocast), a time vector
 and the interpolant's coefficients built as device tensors at every step, the score computed on
 the whole [x; x] batch before the halves are mixed, and the step noise drawn with

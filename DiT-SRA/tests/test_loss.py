@@ -1,4 +1,4 @@
-"""DiT's SRALoss against a plainly written version of SPEC section 4 (DiT paragraph)."""
+"""DiT's SRALoss against a plainly written version of the SRA objective for DiT."""
 import copy
 
 import pytest

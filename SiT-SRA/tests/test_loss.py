@@ -1,4 +1,4 @@
-"""SRALoss against a plainly written reimplementation of SPEC section 4, plus its invariants."""
+"""SRALoss against a plainly written reimplementation of the SRA objective for SiT, plus its invariants."""
 import copy
 import math
 
@@ -28,7 +28,7 @@ def tiny_pair():
 
 
 def reference_loss(model, teacher, x0, y, path_type, weighting, loss_type, t_max, cfg_prob, num_classes, s, t_depth):
-    """SPEC section 4, steps 1-9, written out without the code under test."""
+    """The objective, with the released code's draws in their order (docs/training.md), written out without the code under test."""
     n = x0.shape[0]
     if weighting == "uniform":
         t = torch.rand(n, 1, 1, 1)

@@ -11,7 +11,7 @@ CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (
 
 
 def expected_shapes(depth, d, patch, latent=32, num_classes=1000, c_in=4, c_out=4):
-    """SPEC section 3, written out independently of models.py."""
+    """The released parameter names and shapes (docs/checkpoints.md), written out independently of blocks.py."""
     shapes = {
         "pos_embed": (1, (latent // patch) ** 2, d),
         "x_embedder.proj.weight": (d, c_in, patch, patch), "x_embedder.proj.bias": (d,),
@@ -88,7 +88,7 @@ def test_fresh_model_outputs_zero():
 
 
 def blocks_by_hand(model, x, t, y, depth):
-    """Embedding and the first `depth` blocks written out from SPEC section 3."""
+    """Embedding and the first `depth` blocks written out from the DiT / SiT block equations."""
     h = model.x_embedder.proj(x).flatten(2).transpose(1, 2) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder.embedding_table(y)
     for block in model.blocks[:depth]:

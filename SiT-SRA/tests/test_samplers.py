@@ -280,7 +280,7 @@ def test_sde_time_grid_noise_count_and_order():
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
 def test_sde_steps_follow_the_spec_formulas(path_type):
-    """Three steps (t = 1, 0.52, 0.04, 0) written out from SPEC section 6, guided on every step: g = 2t,
+    """Three steps (t = 1, 0.52, 0.04, 0) written out from the Euler-Maruyama update, guided on every step: g = 2t,
     s = (alpha/d_alpha v - x) / (sigma^2 - alpha/d_alpha d_sigma sigma), d = v - g s / 2 guided on d,
     x += d dt + sqrt(g) sqrt(|dt|) eps, and the last step returns x + d dt."""
     scale, null = 1.7, 3
