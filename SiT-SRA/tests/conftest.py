@@ -17,6 +17,7 @@ import models  # noqa: E402 (this tree's, now on sys.path)
 
 FAMILY = models.FAMILY  # "SiT" or "DiT"
 MODELS = getattr(models, f"{FAMILY}_models")
+MODEL_CLASS = getattr(models, FAMILY)
 TINY_MODEL = f"{FAMILY}-T/2"
 
 

@@ -1,16 +1,19 @@
-"""SiT: parameter names/shapes of every config, the call contract, and safe checkpoint loading."""
+"""The model of this tree (SiT or DiT, on blocks.py): parameter names/shapes of every config, the call
+contract, and safe checkpoint loading."""
 import argparse
 
 import pytest
 import torch
+from conftest import FAMILY, MODEL_CLASS, MODELS
 
-from models import SiT, SiT_models
 from utils import UserError, load_checkpoint, load_weights, model_state_dict
 
 CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 192, 3)}
+C_OUT = {"SiT": 4, "DiT": 8}[FAMILY]  # SiT: velocity; DiT: epsilon and the variance interpolation
+S2 = f"{FAMILY}-S/2"
 
 
-def expected_shapes(depth, d, patch, latent=32, num_classes=1000, c_in=4, c_out=4):
+def expected_shapes(depth, d, patch, latent=32, num_classes=1000, c_in=4, c_out=C_OUT):
     """The released parameter names and shapes (docs/checkpoints.md), written out independently of blocks.py."""
     shapes = {
         "pos_embed": (1, (latent // patch) ** 2, d),
@@ -35,12 +38,12 @@ def expected_shapes(depth, d, patch, latent=32, num_classes=1000, c_in=4, c_out=
     return shapes
 
 
-@pytest.mark.parametrize("name", sorted(SiT_models))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_config_has_the_released_names_and_shapes(name):
     size, patch = name.split("-")[1].split("/")
     depth, d, heads = CONFIGS[size]
     with torch.device("meta"):
-        model = SiT_models[name](input_size=32)
+        model = MODELS[name](input_size=32)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected_shapes(depth, d, int(patch))
     assert model.blocks[0].attn.num_heads == heads
@@ -49,16 +52,16 @@ def test_every_config_has_the_released_names_and_shapes(name):
 
 def test_qk_norm_adds_affine_layernorms_over_the_head_dim():
     with torch.device("meta"):
-        model = SiT_models["SiT-B/2"](input_size=32, qk_norm=True)
+        model = MODELS[f"{FAMILY}-B/2"](input_size=32, qk_norm=True)
     state = model.state_dict()
     assert tuple(state["blocks.3.attn.q_norm.weight"].shape) == (64,)
     assert tuple(state["blocks.3.attn.k_norm.bias"].shape) == (64,)
 
 
 def tiny_model(seed=0, **kwargs):
-    """A 6-block SiT of width 64 on 8x8 latents, every weight perturbed from its (partly zero) init."""
+    """A 6-block model of width 64 on 8x8 latents, every weight perturbed from its (partly zero) init."""
     torch.manual_seed(seed)
-    model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=6, num_heads=4, num_classes=10, **kwargs)
+    model = MODEL_CLASS(input_size=8, patch_size=2, hidden_size=64, depth=6, num_heads=4, num_classes=10, **kwargs)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -67,24 +70,27 @@ def tiny_model(seed=0, **kwargs):
 
 
 def inputs(n=3, seed=1):
+    """Latents (n, 4, 8, 8), times (SiT: in [0, 1]; DiT: steps 0..999), labels in 0..9."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, generator=g), torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    t = torch.rand(n, generator=g) if FAMILY == "SiT" else torch.randint(0, 1000, (n,), generator=g)
+    return x, t, torch.randint(0, 10, (n,), generator=g)
 
 
-def test_sit_s2_runs_forward_and_backward():
-    model = SiT_models["SiT-S/2"](input_size=8, num_classes=10).train()
+def test_s2_runs_forward_and_backward():
+    model = MODELS[S2](input_size=8, num_classes=10).train()
     x, t, y = inputs()
     out, h = model(x, t, y, align_depth=4)
-    assert out.shape == x.shape and h.shape == (3, 16, 384)
+    assert out.shape == (3, C_OUT, 8, 8) and h.shape == (3, 16, 384)
     (out.square().mean() + h.square().mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_fresh_model_outputs_zero():
     torch.manual_seed(0)
-    model = SiT_models["SiT-S/2"](input_size=8, num_classes=10)
+    model = MODELS[S2](input_size=8, num_classes=10)
     x, t, y = inputs()
-    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+    assert torch.equal(model(x, t, y), torch.zeros(3, C_OUT, 8, 8))
 
 
 def blocks_by_hand(model, x, t, y, depth):
@@ -143,7 +149,8 @@ def test_depth_outside_the_model_is_a_clear_error(depth):
 
 
 def test_unpatchify_lays_patch_pixels_out_as_p_p_c():
-    model = SiT(input_size=4, patch_size=2, in_channels=3, hidden_size=12, depth=1, num_heads=2, num_classes=2)
+    model = MODEL_CLASS(input_size=4, patch_size=2, in_channels=3, hidden_size=12, depth=1, num_heads=2, num_classes=2,
+                        learn_sigma=False)
     tokens = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).reshape(1, 4, 12)
     image = model.unpatchify(tokens)
     for token in range(4):
@@ -158,16 +165,16 @@ def test_released_style_checkpoint_with_namespace_loads_strictly(tmp_path):
     model = tiny_model()
     path = tmp_path / "released.pt"
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {},
-                "args": argparse.Namespace(model="SiT-S/2", resolution=64), "steps": 10}, path)
+                "args": argparse.Namespace(model=S2, resolution=64), "steps": 10}, path)
     checkpoint = load_checkpoint(path)
-    assert checkpoint["args"].model == "SiT-S/2"
+    assert checkpoint["args"].model == S2
     fresh = tiny_model(seed=1)
-    load_weights(fresh, model_state_dict(checkpoint), "--ckpt", "--model SiT-S/2")
+    load_weights(fresh, model_state_dict(checkpoint), "--ckpt", f"--model {S2}")
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, y), model(x, t, y))
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    load_weights(fresh, model_state_dict(load_checkpoint(tmp_path / "bare.pt")), "--ckpt", "--model SiT-S/2")
+    load_weights(fresh, model_state_dict(load_checkpoint(tmp_path / "bare.pt")), "--ckpt", f"--model {S2}")
 
 
 class Payload:
@@ -193,6 +200,6 @@ def test_truncated_and_missing_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_checkpoint_of_another_architecture_names_the_differences():
-    other_patch = SiT(input_size=8, patch_size=4, hidden_size=64, depth=6, num_heads=4, num_classes=10)
-    with pytest.raises(UserError, match=r"another architecture than --model SiT-S/2: .*shapes differ.*x_embedder"):
-        load_weights(tiny_model(), other_patch.state_dict(), "--ckpt a.pt", "--model SiT-S/2")
+    other_patch = MODEL_CLASS(input_size=8, patch_size=4, hidden_size=64, depth=6, num_heads=4, num_classes=10)
+    with pytest.raises(UserError, match=rf"another architecture than --model {S2}: .*shapes differ.*x_embedder"):
+        load_weights(tiny_model(), other_patch.state_dict(), "--ckpt a.pt", f"--model {S2}")
