@@ -1,6 +1,7 @@
 """Puts this tree on sys.path so tests import its modules (models, loss, ...) by their plain names,
 names the tree's model family (tests shared by both trees use MODELS and TINY_MODEL), and builds
 the tiny real inputs the scripts need: a random local VAE and a latent dataset."""
+import copy
 import json
 import os
 import subprocess
@@ -47,6 +48,24 @@ def write_latent_dataset(root, num_items, resolution, num_classes, seed=0):
         labels.append([name, int(rng.integers(num_classes))])
     (vae_dir / "dataset.json").write_text(json.dumps({"labels": labels}))
     return Path(root)
+
+
+def student_and_teacher():
+    """A 4-block model of width 32 on 8x8 latents with perturbed weights, and a teacher close to it
+    (a frozen copy, perturbed again): the losses and their gradients are not trivial."""
+    import torch
+
+    torch.manual_seed(0)
+    model = MODEL_CLASS(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, teacher
 
 
 @pytest.fixture(scope="session")

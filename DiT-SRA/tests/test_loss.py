@@ -1,31 +1,15 @@
 """DiT's SRALoss against a plainly written version of the SRA objective for DiT."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import student_and_teacher
 
-from diffusion import create_diffusion
 from alignment import align_weight
+from diffusion import create_diffusion
 from loss import SRALoss
-from models import DiT
 from train import ALIGN_BASE_WEIGHT
 
 DIFFUSION = create_diffusion("")
-
-
-def tiny_pair():
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model, teacher
 
 
 def reference_loss(model, teacher, x0, y, loss_type, t_max, cfg_prob, s, t_depth):
@@ -55,7 +39,7 @@ def reference_loss(model, teacher, x0, y, loss_type, t_max, cfg_prob, s, t_depth
 
 @pytest.mark.parametrize("loss_type", ["sml1", "l2", "l1", "cos"])
 def test_loss_equals_an_independent_reimplementation(loss_type):
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     g = torch.Generator().manual_seed(3)
     x0, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
     loss_fn = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, t_max=0.3, loss_type=loss_type, cfg_prob=0.4,
@@ -72,7 +56,7 @@ def test_loss_equals_an_independent_reimplementation(loss_type):
 
 
 def test_vb_term_trains_only_the_variance_channels():
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     torch.manual_seed(0)
     denoising, _ = SRALoss(DIFFUSION, block_out_s=1, block_out_t=3, num_classes=10, teacher=teacher)(model, x0, y)
@@ -83,7 +67,7 @@ def test_vb_term_trains_only_the_variance_channels():
 
 
 def test_teacher_step_is_never_noisier_except_at_the_clamp():
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     seen = {}
 
     def recording(name, call):

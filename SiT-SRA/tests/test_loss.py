@@ -1,30 +1,15 @@
 """SRALoss against a plainly written reimplementation of the SRA objective for SiT, plus its invariants."""
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import student_and_teacher
 
 from alignment import align_weight
 from loss import SRALoss
-from models import SiT
 from path import interpolant
 from train import ALIGN_BASE_WEIGHT
-
-
-def tiny_pair():
-    torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model, teacher
 
 
 def reference_loss(model, teacher, x0, y, path_type, weighting, loss_type, t_max, cfg_prob, num_classes, s, t_depth):
@@ -61,7 +46,7 @@ def reference_loss(model, teacher, x0, y, path_type, weighting, loss_type, t_max
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
 @pytest.mark.parametrize("weighting", ["uniform", "lognormal"])
 def test_loss_equals_an_independent_reimplementation(loss_type, path_type, weighting):
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     g = torch.Generator().manual_seed(3)
     x0, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
     loss_fn = SRALoss(path_type=path_type, weighting=weighting, block_out_s=1, block_out_t=3, t_max=0.3,
@@ -81,7 +66,7 @@ def test_loss_equals_an_independent_reimplementation(loss_type, path_type, weigh
 
 
 def test_gradients_reach_the_student_and_never_the_teacher():
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     denoising, align = SRALoss(block_out_s=1, block_out_t=3, num_classes=10, teacher=teacher)(model, x0, y)
     (denoising.mean() + align.mean()).backward()
@@ -90,7 +75,7 @@ def test_gradients_reach_the_student_and_never_the_teacher():
 
 
 def test_no_dropout_draw_without_class_dropout():
-    model, teacher = tiny_pair()
+    model, teacher = student_and_teacher()
     x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     loss_fn = SRALoss(block_out_s=1, block_out_t=3, cfg_prob=0.0, num_classes=10, teacher=teacher)
     torch.manual_seed(0)
