@@ -26,8 +26,8 @@ from dataset import LatentDataset
 from diffusion import create_diffusion
 from loss import LOSS_TYPES, SRALoss, align_weight
 from models import DiT_models
-from training import (EpochBatchSampler, StopRequest, compile_models, resolve_resume, rng_state, set_rng_state,
-                      train_step, write_checkpoint)
+from training import (EpochBatchSampler, StopRequest, compile_models, load_optimizer_state, resolve_resume, rng_state,
+                      set_rng_state, train_step, write_checkpoint)
 from utils import (UserError, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int,
                    run_main)
 
@@ -48,7 +48,8 @@ def parse_args(argv=None):
                    help="keep only the K newest step checkpoints (0: all)")
     p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between host syncs for logging and checks")
-    p.add_argument("--max-train-steps", type=positive_int, default=None)
+    p.add_argument("--max-train-steps", type=positive_int, default=4_100_000,
+                   help="stop after this many steps or --epochs, whichever comes first")
     p.add_argument("--epochs", type=positive_int, default=801)
     # model
     p.add_argument("--model", choices=sorted(DiT_models), default="DiT-XL/2")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
                    help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--num-workers", type=non_negative_int, default=4)
+    p.add_argument("--num-workers", type=non_negative_int, default=8)
     # precision and optimisation
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
@@ -80,8 +83,8 @@ def parse_args(argv=None):
     # loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")
-    p.add_argument("--block-out-s", type=int, default=8, help="student block whose features are aligned")
-    p.add_argument("--block-out-t", type=int, default=16, help="EMA-teacher block giving the target features")
+    p.add_argument("--block-out-s", type=int, default=4, help="student block whose features are aligned")
+    p.add_argument("--block-out-t", type=int, default=8, help="EMA-teacher block giving the target features")
     p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
     p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
     return p.parse_args(argv)
@@ -89,6 +92,9 @@ def parse_args(argv=None):
 
 def main(args):
     # ---------------------------------------------------------------- setup
+    # TF32 matmuls and convolutions on Ampere and newer GPUs, as the released train.py (no effect on CPUs)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=args.no_sra)
     exp_dir = Path(args.output_dir) / args.exp_name
     accelerator = Accelerator(
@@ -152,8 +158,12 @@ def main(args):
         ckpt = load_checkpoint(path, "--resume-ckpt")
         hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
         load_weights(model, ckpt["model"], f"--resume-ckpt {path}", hint)
-        optimizer.load_state_dict(ckpt["opt"])
+        load_optimizer_state(optimizer, ckpt["opt"], f"--resume-ckpt {path}")
         steps, epoch = ckpt["steps"], ckpt["epoch"]
+        if "rng" not in ckpt:  # written by the released train.py: it continues that epoch from a new shuffle
+            logger.info(f"{path} holds no RNG state or data position (a checkpoint of the released code): "
+                        f"continuing at step {steps} from the start of epoch {epoch}, not bit-identical to an "
+                        "uninterrupted run")
         batch_in_epoch, nonfinite_skipped = ckpt.get("batch_in_epoch", 0), ckpt.get("nonfinite_skipped", 0)
         if "rng" in ckpt and len(ckpt["rng"]) != accelerator.num_processes:
             raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
@@ -232,7 +242,7 @@ def main(args):
     if args.resume_ckpt and "rng" in ckpt:  # restored last, so that nothing above shifts the training draws
         set_rng_state(ckpt["rng"][rank])
     stop = StopRequest()
-    max_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    max_steps = min(args.max_train_steps, args.epochs * steps_per_epoch)  # the last step is always saved
     progress = tqdm(total=max_steps, initial=steps, desc="steps", disable=not is_main)
     finished = steps >= max_steps
     while not finished and epoch < args.epochs:

@@ -26,8 +26,8 @@ from dataset import LatentDataset
 from loss import LOSS_TYPES, SRALoss, align_weight
 from models import SiT_models
 from samplers import euler_sampler
-from training import (EpochBatchSampler, StopRequest, compile_models, resolve_resume, rng_state, set_rng_state,
-                      train_step, write_checkpoint)
+from training import (EpochBatchSampler, StopRequest, compile_models, load_optimizer_state, resolve_resume, rng_state,
+                      set_rng_state, train_step, write_checkpoint)
 from utils import (UserError, check_writable, decode_to_uint8, load_checkpoint, load_vae, load_weights,
                    non_negative_int, positive_int, run_main, save_image_grid)
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--logging-dir", default="logs", help="tracker folder inside output-dir")
     p.add_argument("--report-to", default=None, help="tracker for accelerate, e.g. wandb")
     p.add_argument("--resume-ckpt", default=None, help="checkpoint path, or 'latest' of this experiment")
-    p.add_argument("--sample-steps", type=non_negative_int, default=10000,
+    p.add_argument("--sample-steps", type=non_negative_int, default=100_000,
                    help="sample a 64-image grid every N steps (0: never)")
     p.add_argument("--checkpoint-steps", type=positive_int, default=50000)
     p.add_argument("--checkpoint-epochs", type=positive_int, default=200)
@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    help="keep only the K newest step checkpoints (0: all)")
     p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between host syncs for logging and checks")
-    p.add_argument("--max-train-steps", type=positive_int, default=None)
+    p.add_argument("--max-train-steps", type=positive_int, default=4_100_000,
+                   help="stop after this many steps or --epochs, whichever comes first")
     p.add_argument("--epochs", type=positive_int, default=801)
     # model
     p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
@@ -62,7 +63,7 @@ def parse_args(argv=None):
                    help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--num-workers", type=non_negative_int, default=4)
+    p.add_argument("--num-workers", type=non_negative_int, default=8)
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder (for sample grids)")
     # precision and optimisation
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
@@ -87,8 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["v"], default="v")
     p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform")
-    p.add_argument("--block-out-s", type=int, default=8, help="student block whose features are aligned")
-    p.add_argument("--block-out-t", type=int, default=20, help="EMA-teacher block giving the target features")
+    p.add_argument("--block-out-s", type=int, default=4, help="student block whose features are aligned")
+    p.add_argument("--block-out-t", type=int, default=8, help="EMA-teacher block giving the target features")
     p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
     p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
     return p.parse_args(argv)
@@ -96,6 +99,9 @@ def parse_args(argv=None):
 
 def main(args):
     # ---------------------------------------------------------------- setup
+    # TF32 matmuls and convolutions on Ampere and newer GPUs, as the released train.py (no effect on CPUs)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=args.no_sra)
     exp_dir = Path(args.output_dir) / args.exp_name
     accelerator = Accelerator(
@@ -159,8 +165,12 @@ def main(args):
         ckpt = load_checkpoint(path, "--resume-ckpt")
         hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
         load_weights(model, ckpt["model"], f"--resume-ckpt {path}", hint)
-        optimizer.load_state_dict(ckpt["opt"])
+        load_optimizer_state(optimizer, ckpt["opt"], f"--resume-ckpt {path}")
         steps, epoch = ckpt["steps"], ckpt["epoch"]
+        if "rng" not in ckpt:  # written by the released train.py: it continues that epoch from a new shuffle
+            logger.info(f"{path} holds no RNG state or data position (a checkpoint of the released code): "
+                        f"continuing at step {steps} from the start of epoch {epoch}, not bit-identical to an "
+                        "uninterrupted run")
         batch_in_epoch, nonfinite_skipped = ckpt.get("batch_in_epoch", 0), ckpt.get("nonfinite_skipped", 0)
         if "rng" in ckpt and len(ckpt["rng"]) != accelerator.num_processes:
             raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
@@ -257,7 +267,7 @@ def main(args):
     if args.resume_ckpt and "rng" in ckpt:  # restored last, so that nothing above shifts the training draws
         set_rng_state(ckpt["rng"][rank])
     stop = StopRequest()
-    max_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    max_steps = min(args.max_train_steps, args.epochs * steps_per_epoch)  # the last step is always saved
     progress = tqdm(total=max_steps, initial=steps, desc="steps", disable=not is_main)
     finished = steps >= max_steps
     while not finished and epoch < args.epochs:

@@ -125,6 +125,27 @@ def train_step(accelerator, model, optimizer, loss_fn, teacher, moments, labels,
     return denoising.detach().mean(), align.detach().mean(), grad_norm
 
 
+# Flags that choose how the optimizer computes, not what: a checkpoint's (the released ones were written by a plain,
+# non-fused AdamW, with fused=None) must not switch off the fused kernel that clips and skips inside its step.
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, state, source):
+    """optimizer.load_state_dict(state) with this optimizer's implementation flags kept: moments, step counts and
+    hyperparameters (lr, betas, ...) come from `state`, the kernel stays this optimizer's. UserError on a state of
+    other parameters."""
+    saved_groups = state.get("param_groups", []) if isinstance(state, dict) else []
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise UserError(f"{source}: its optimizer state has {len(saved_groups)} parameter group(s), this optimizer "
+                        f"{len(optimizer.param_groups)}")
+    groups = [{**saved, **{k: own[k] for k in OPTIMIZER_IMPLEMENTATION if k in own}}
+              for saved, own in zip(saved_groups, optimizer.param_groups)]
+    try:
+        optimizer.load_state_dict({**state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{source}: its optimizer state does not fit this model's parameters ({e})") from None
+
+
 def compile_models(model, ema):
     """torch.compile, in place, the student's forward and the EMA teacher's `features`.
 
