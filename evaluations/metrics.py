@@ -131,4 +131,4 @@ def precision_recall(ref_features, sample_features, k=K_NEIGHBOURS, block=BLOCK,
             dist = squared_distances(ref[row:row + block], sample[col:col + block])
             ref_covered[row:row + block] |= (dist <= sample_radii[None, col:col + block]).any(dim=1)
             sample_covered[col:col + block] |= (dist <= ref_radii[row:row + block, None]).any(dim=0)
-    return sample_covered.float().mean().item(), ref_covered.float().mean().item()
+    return sample_covered.double().mean().item(), ref_covered.double().mean().item()

@@ -34,7 +34,7 @@ def random_inception_state_dict(seed=0):
     net = Skeleton("skeleton", ["2048"], feature_extractor_weights_path=empty)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, module in net.named_modules():
+        for module in net.modules():
             if isinstance(module, torch.nn.Conv2d):
                 fan_in = module.weight[0].numel()
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
