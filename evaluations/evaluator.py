@@ -92,10 +92,13 @@ def batch_statistics(pool, spatial):
 
 
 def cache_file(cache_dir, ref_path, weights_path):
-    """The activation cache of one reference file and one weights file, keyed by their paths, sizes and mtimes."""
-    key = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (ref_path, weights_path)]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    return cache_dir / f"{ref_path.stem}-inception-{digest}.npz"
+    """The activation cache of one reference batch and one weights file: keyed by the reference's path and the
+    checksum of its arr_0 (so a rewritten file is a new entry), and the weights file's path, size and mtime."""
+    with NpzImages(ref_path) as images:
+        ref_key = (str(ref_path.resolve()), images.crc32, images.shape)
+    stat = weights_path.stat()
+    key = json.dumps([ref_key, (str(weights_path.resolve()), stat.st_size, stat.st_mtime_ns)])
+    return cache_dir / f"{ref_path.stem}-inception-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 def reference_activations(args, features):

@@ -51,7 +51,8 @@ def load_weights(path=None):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises pickle, zip and runtime errors of many kinds for a foreign file
-        raise UserError(f"{path} is not a PyTorch weights file ({type(e).__name__}); {WEIGHTS_HINT}") from None
+        raise UserError(f"{path} is not a weights file that torch.load(weights_only=True) reads "
+                        f"({type(e).__name__}); {WEIGHTS_HINT}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path} does not hold a state dict of tensors; {WEIGHTS_HINT}")
     return state_dict

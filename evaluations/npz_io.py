@@ -14,7 +14,8 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 class NpzImages:
-    """`arr_0` of one .npz: uint8 images (N, H, W, 3), read in order by `batches`. A context manager.
+    """`arr_0` of one .npz: uint8 images (N, H, W, 3), read in order by `batches`, and `crc32`, the zip's checksum of
+    it. A context manager.
 
     Errors name the file: missing file, not a zip, no `arr_0`, another dtype or shape, truncated data."""
 
@@ -30,6 +31,7 @@ class NpzImages:
             self._zip.close()
             raise UserError(f"{self.path} has no arr_0 (the images, uint8 (N, H, W, 3)); it holds "
                             f"{[name.removesuffix('.npy') for name in self._zip.namelist()]}")
+        self.crc32 = self._zip.getinfo("arr_0.npy").CRC  # of the whole .npy, stored by the zip: a free content key
         self._entry = self._zip.open("arr_0.npy")
         try:
             self.shape = self._read_header()
