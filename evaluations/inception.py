@@ -12,8 +12,6 @@ Features of uint8 images (B, H, W, 3):
   by TF in that order.
 """
 import io
-import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
@@ -71,11 +69,10 @@ class InceptionFeatures:
         torch.save(state_dict, buffer)
         buffer.seek(0)
         try:
-            with redirect_stdout(sys.stderr):
-                net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
         except RuntimeError as e:
             raise UserError(f"{weights_path or default_weights_path()} is not the Inception weights "
-                            f"({str(e).splitlines()[0].strip()} ...); {WEIGHTS_HINT}") from None
+                            f"({' '.join(str(e).split())[:160]} ...); {WEIGHTS_HINT}") from None
         self.device = torch.device(device)
         self.net = net.to(self.device)
         self.logits_weight = self.net.fc.weight

@@ -151,3 +151,15 @@ def test_reference_batches_need_more_images_than_k(tmp_path):
     np.savez(tmp_path / "sample.npz", arr_0=random_images(5, size=8))
     with pytest.raises(UserError, match=r"ref.npz: 3 images; precision/recall need more than 3"):
         evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--split-size", "5"])
+
+
+def test_read_ahead_keeps_the_order_and_passes_errors_on():
+    def batches():
+        yield from range(5)
+        raise UserError("broken.npz: arr_0 is truncated")
+
+    seen = []
+    with pytest.raises(UserError, match="broken.npz"):
+        for item in evaluator.read_ahead(batches()):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
