@@ -3,6 +3,7 @@ in a subprocess (random Inception weights in torch-fidelity's format), then its 
 metric functions; the activation cache and the one-line errors in-process."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def generated_npz(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     root = tmp_path_factory.mktemp("generate")
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", TINY_CHECKPOINT, str(root / "ckpt.pt")], cwd=SIT_TREE, env=env, check=True)
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
