@@ -13,7 +13,7 @@ source ./setup_env.sh || exit 1
 ruff check . || exit 1
 
 trees=("$@")
-[ ${#trees[@]} -gt 0 ] || trees=(SiT-SRA DiT-SRA preprocessing pca-vis demo benchmarks .)
+[ ${#trees[@]} -gt 0 ] || trees=(SiT-SRA DiT-SRA preprocessing pca-vis demo evaluations benchmarks .)
 reports=$(mktemp -d)
 status=0
 for tree in "${trees[@]}"; do

@@ -26,24 +26,28 @@ import torch
 from diffusion import create_diffusion
 from models import DiT_models
 from sampling_io import (LATENT_CHANNELS, PRECISIONS, RowGenerators, autocast_call, check_common_flags, prepare,
-                         run_on_processes, sample_seed, write_samples)
+                         read_checkpoint, run_on_processes, sample_seed, write_samples)
 from utils import UserError, decode_to_uint8, run_main
+
+# Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
+RELEASED_DEFAULTS = {"model": "DiT-XL/2", "resolution": 256, "num_classes": 1000}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
     p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
-    p.add_argument("--model", choices=sorted(DiT_models), default="DiT-XL/2")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--resolution", "--image-size", type=int, default=256,
-                   help="image side in pixels, a multiple of 8 (--image-size: the released name)")
+    p.add_argument("--model", choices=sorted(DiT_models), default=None, help="default: the checkpoint's, else DiT-XL/2")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
+    p.add_argument("--resolution", "--image-size", type=int, default=None,
+                   help="image side in pixels, a multiple of 8 (--image-size: the released name); default: the "
+                        "checkpoint's, else 256")
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder of a diffusers AutoencoderKL")
-    p.add_argument("--per-proc-batch-size", type=int, default=64)
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: ancestral steps (the released sampler); ddim: deterministic DDIM, eta 0")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
     p.add_argument("--num-sampling-steps", "--num-steps", type=int, default=250,
                    help="respaced steps out of the 1000 trained ones")
     p.add_argument("--global-seed", type=int, default=0)
@@ -53,6 +57,8 @@ def parse_args(argv=None):
                    help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="autocast dtype of the model calls; the diffusion steps stay float32")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
     return p.parse_args(argv)
 
 
@@ -68,7 +74,10 @@ def build_diffusion(args):
 
 
 def check_flags(args):
-    """Flag errors that need no file: raises UserError naming the flag."""
+    """Flag errors, once the checkpoint has filled the unset flags: raises UserError naming the flag."""
+    if args.model not in DiT_models:
+        raise UserError(f"--ckpt {args.ckpt} was trained with --model {args.model}, which this generate.py does not "
+                        "have; pass --model")
     check_common_flags(args)
     build_diffusion(args)
 
@@ -136,18 +145,19 @@ def sample_batch(args, diffusion, model, vae, indices, device):
 
 # ---------------------------------------------------------------------------------------------- main
 
-def generate(args, procs):
+def generate(args, procs, weights):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     folder = Path(args.sample_dir) / folder_name(args)
-    model, vae = prepare(args, procs, DiT_models, folder)
+    model, vae = prepare(args, procs, DiT_models, folder, weights)
     diffusion = build_diffusion(args)
     write_samples(args, procs, folder, lambda indices: sample_batch(args, diffusion, model, vae, indices, procs.device))
 
 
 def main(args):
+    weights = read_checkpoint(args, RELEASED_DEFAULTS)
     check_flags(args)
-    run_on_processes(generate, args)
+    run_on_processes(generate, args, weights)
 
 
 if __name__ == "__main__":

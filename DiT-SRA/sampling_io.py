@@ -86,11 +86,13 @@ class Processes:
         return [item for part in gathered for item in part]
 
 
-def init_processes():
-    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process) and joins the process group."""
+def init_processes(local_rank_flag=None):
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process) and joins the process group.
+
+    local_rank_flag: --local-rank, which `python -m torch.distributed.launch` passes; LOCAL_RANK wins when both exist."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag or 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
@@ -110,17 +112,44 @@ def init_processes():
     return Processes(rank, world_size, device)
 
 
-def run_on_processes(generate, args):
-    """generate(args, procs) on this process, in the torchrun process group if there is one (left however it ends)."""
-    procs = init_processes()
+def run_on_processes(generate, args, weights):
+    """generate(args, procs, weights) on this process, in the torchrun process group if there is one (left however it
+    ends)."""
+    procs = init_processes(args.local_rank)
     try:
-        generate(args, procs)
+        generate(args, procs, weights)
     finally:
         if procs.world_size > 1:
             dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- setup
+
+@dataclass
+class Weights:
+    """The weights to sample with (a state dict) and where they came from, for error messages."""
+    state_dict: dict
+    trained_with: str
+
+
+def fill_unset_flags(args, saved_args, released_defaults):
+    """Sets each flag of `released_defaults` that the command line left unset (None) to the training checkpoint's
+    value (`saved_args`, an argparse.Namespace, or None for a bare state dict) or, failing that, to the released
+    generate.py's default. Returns args."""
+    for name, default in released_defaults.items():
+        if getattr(args, name) is None:
+            value = getattr(saved_args, name, None) if isinstance(saved_args, argparse.Namespace) else None
+            setattr(args, name, default if value is None else value)
+    return args
+
+
+def read_checkpoint(args, released_defaults):
+    """Loads --ckpt and fills the unset flags from it (`fill_unset_flags`). Returns its Weights; the rest of the
+    checkpoint (the training weights, the optimizer) is not kept."""
+    checkpoint = load_checkpoint(args.ckpt, "--ckpt")
+    fill_unset_flags(args, checkpoint.get("args") if isinstance(checkpoint, dict) else None, released_defaults)
+    return Weights(model_state_dict(checkpoint), trained_with(checkpoint))
+
 
 def trained_with(checkpoint):
     """' (the checkpoint was trained with --model ...)' from a training checkpoint's args, or ''."""
@@ -132,10 +161,9 @@ def trained_with(checkpoint):
     return f" (the checkpoint was trained with {' '.join(flags)})" if flags else ""
 
 
-def build_model(args, factories, device):
-    """factories[--model] with the checkpoint's weights, in eval mode on `device`."""
-    checkpoint = load_checkpoint(args.ckpt, "--ckpt")
-    state_dict = model_state_dict(checkpoint)
+def build_model(args, factories, device, weights):
+    """factories[--model] with the checkpoint's Weights, in eval mode on `device`."""
+    state_dict = weights.state_dict
     # Checkpoints trained with class dropout hold a null row (id num_classes) in the label table, the released ones
     # included; a table of exactly num_classes rows was trained without it and cannot be guided.
     table = state_dict.get("y_embedder.embedding_table.weight")
@@ -153,18 +181,18 @@ def build_model(args, factories, device):
     try:
         load_weights(model, with_own_head(model, state_dict), f"--ckpt {args.ckpt}", hint)
     except UserError as e:
-        raise UserError(f"{e}{trained_with(checkpoint)}") from None
+        raise UserError(f"{e}{weights.trained_with}") from None
     return cast_for_autocast(model.to(device).eval().requires_grad_(False), args.precision)
 
 
-def prepare(args, procs, factories, folder):
+def prepare(args, procs, factories, folder, weights):
     """Every check that can fail, before any sampling: checkpoint, architecture, VAE, writable output folder.
 
     Returns (model, vae). A failure on any process stops all of them with a UserError.
     """
     error, result = None, None
     try:
-        model = build_model(args, factories, procs.device)
+        model = build_model(args, factories, procs.device, weights)
         vae = load_vae(args.vae, procs.device)
         check_writable(folder, "--sample-dir")
         result = model, vae

@@ -34,7 +34,8 @@ def parse_args(argv=None):
                    help="keep only the K newest step checkpoints (0: all)")
     p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between host syncs for logging and checks")
-    p.add_argument("--max-train-steps", type=positive_int, default=None)
+    p.add_argument("--max-train-steps", type=positive_int, default=4_100_000,
+                   help="stop after this many steps or --epochs, whichever comes first")
     p.add_argument("--epochs", type=positive_int, default=801)
     # model
     p.add_argument("--model", choices=sorted(DiT_models), default="DiT-XL/2")
@@ -46,7 +47,7 @@ def parse_args(argv=None):
                    help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--num-workers", type=non_negative_int, default=4)
+    p.add_argument("--num-workers", type=non_negative_int, default=8)
     # precision and optimisation
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
@@ -66,8 +69,8 @@ def parse_args(argv=None):
     # loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")
-    p.add_argument("--block-out-s", type=int, default=8, help="student block whose features are aligned")
-    p.add_argument("--block-out-t", type=int, default=16, help="EMA-teacher block giving the target features")
+    p.add_argument("--block-out-s", type=int, default=4, help="student block whose features are aligned")
+    p.add_argument("--block-out-t", type=int, default=8, help="EMA-teacher block giving the target features")
     p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
     p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
     return p.parse_args(argv)

@@ -22,24 +22,29 @@ import torch
 from models import SiT_models
 from samplers import euler_maruyama_sampler, euler_sampler
 from sampling_io import (LATENT_CHANNELS, PRECISIONS, RowGenerators, autocast_call, check_common_flags, prepare,
-                         run_on_processes, sample_seed, write_samples)
+                         read_checkpoint, run_on_processes, sample_seed, write_samples)
 from utils import UserError, decode_to_uint8, run_main
+
+PATH_TYPES = ("linear", "cosine")
+# Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
+RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
     p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
-    p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels, a multiple of 8")
+    p.add_argument("--model", choices=sorted(SiT_models), default=None, help="default: the checkpoint's, else SiT-B/2")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, a multiple of 8; default: the checkpoint's, else 256")
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder of a diffusers AutoencoderKL")
-    p.add_argument("--per-proc-batch-size", type=int, default=64)
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--mode", choices=["sde", "ode"], default="sde")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--path-type", choices=PATH_TYPES, default=None, help="default: the checkpoint's, else linear")
+    p.add_argument("--num-steps", type=int, default=50)
     p.add_argument("--heun", action="store_true", help="Heun correction (--mode ode only)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
     p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
@@ -52,11 +57,16 @@ def parse_args(argv=None):
                    help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="autocast dtype of the model calls; the integration stays float64")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
     return p.parse_args(argv)
 
 
 def check_flags(args):
-    """Flag errors that need no file: raises UserError naming the flag."""
+    """Flag errors, once the checkpoint has filled the unset flags: raises UserError naming the flag."""
+    if args.model not in SiT_models or args.path_type not in PATH_TYPES:
+        raise UserError(f"--ckpt {args.ckpt} was trained with --model {args.model} --path-type {args.path_type}, "
+                        "which this generate.py does not have; pass --model and --path-type")
     check_common_flags(args)
     if args.num_steps < 1:
         raise UserError(f"--num-steps {args.num_steps} must be at least 1")
@@ -106,18 +116,19 @@ def sample_batch(args, model_fn, vae, indices, device):
 
 # ---------------------------------------------------------------------------------------------- main
 
-def generate(args, procs):
+def generate(args, procs, weights):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     folder = Path(args.sample_dir) / folder_name(args)
-    model, vae = prepare(args, procs, SiT_models, folder)
+    model, vae = prepare(args, procs, SiT_models, folder, weights)
     model_fn = autocast_call(model, procs.device, args.precision)
     write_samples(args, procs, folder, lambda indices: sample_batch(args, model_fn, vae, indices, procs.device))
 
 
 def main(args):
+    weights = read_checkpoint(args, RELEASED_DEFAULTS)
     check_flags(args)
-    run_on_processes(generate, args)
+    run_on_processes(generate, args, weights)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,27 @@ def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, ali
     return denoising, align, grad_norm
 
 
+# Flags that choose how the optimizer computes, not what: a checkpoint's (the released ones were written by a plain,
+# non-fused AdamW, with fused=None) must not switch off the fused kernel that clips and skips inside its step.
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, state, source):
+    """optimizer.load_state_dict(state) with this optimizer's implementation flags kept: moments, step counts and
+    hyperparameters (lr, betas, ...) come from `state`, the kernel stays this optimizer's. UserError on a state of
+    other parameters."""
+    saved_groups = state.get("param_groups", []) if isinstance(state, dict) else []
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise UserError(f"{source}: its optimizer state has {len(saved_groups)} parameter group(s), this optimizer "
+                        f"{len(optimizer.param_groups)}")
+    groups = [{**saved, **{k: own[k] for k in OPTIMIZER_IMPLEMENTATION if k in own}}
+              for saved, own in zip(saved_groups, optimizer.param_groups)]
+    try:
+        optimizer.load_state_dict({**state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{source}: its optimizer state does not fit this model's parameters ({e})") from None
+
+
 def compile_models(model, ema):
     """torch.compile, in place, the student's forward and the EMA teacher's `features`.
 
@@ -205,10 +226,13 @@ def write_checkpoint(ckpt, checkpoint_dir, name, keep_last=0):
 
 
 def start_run(args, folders=("checkpoints",)):
-    """The accelerator, writable experiment folders, log file and seed of a run.
+    """TF32, the accelerator, writable experiment folders, log file and seed of a run.
 
     Returns (accelerator, exp_dir); `folders` are created inside output-dir/exp-name.
     """
+    # TF32 matmuls and convolutions on Ampere and newer GPUs, as the released train.py (no effect on CPUs)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     exp_dir = Path(args.output_dir) / args.exp_name
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -357,8 +381,12 @@ class Trainer:
         self.resume_source = f"--resume-ckpt {path}"
         self.resume_hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"
         load_weights(model, ckpt["model"], self.resume_source, self.resume_hint)
-        optimizer.load_state_dict(ckpt["opt"])
+        load_optimizer_state(optimizer, ckpt["opt"], self.resume_source)
         self.steps, self.epoch = ckpt["steps"], ckpt["epoch"]
+        if "rng" not in ckpt:  # written by the released train.py: it continues that epoch from a new shuffle
+            self.logger.info(f"{path} holds no RNG state or data position (a checkpoint of the released code): "
+                             f"continuing at step {self.steps} from the start of epoch {self.epoch}, not "
+                             "bit-identical to an uninterrupted run")
         self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
         self.loss_log.nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)
         if "rng" in ckpt and len(ckpt["rng"]) != self.accelerator.num_processes:
@@ -404,7 +432,7 @@ class Trainer:
         if self.saved_rng is not None:
             set_rng_state(self.saved_rng[self.accelerator.process_index])
         stop = StopRequest()
-        max_steps = args.max_train_steps or args.epochs * self.steps_per_epoch
+        max_steps = min(args.max_train_steps, args.epochs * self.steps_per_epoch)  # the last step is always saved
         self.loss_log.progress = tqdm(total=max_steps, initial=self.steps, desc="steps",
                                       disable=not self.accelerator.is_main_process)
         outcome = "finished" if self.steps >= max_steps else None

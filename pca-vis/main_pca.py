@@ -4,9 +4,11 @@
     python main_pca.py --ckpt CKPT.pt                        # an SRA (or our train.py) checkpoint
     python main_pca.py --ckpt SiT-XL-2-256x256.pt --baseline  # an original SiT checkpoint
 
-The image is center-cropped to a square, resized to --resolution, VAE-encoded, noised to
-x_t = (1 - t) x + t noise for each --times, and run through the EMA model; the tokens after each
-block of --layers get a 3-component PCA shown as RGB. The model comes from ../SiT-SRA/models.py.
+The released recipe, which drew the paper's figure: the image is resized to --resolution x --resolution
+(no crop), VAE-encoded, a posterior sample x 0.18215 noised to x_t = (1 - t) x + t noise for each --times,
+and run through the EMA model; the tokens after each block of --layers are normalised (LayerNorm per
+token; per-channel min-max for --baseline) and get a 3-component PCA shown as RGB. The model comes
+from ../SiT-SRA/models.py.
 """
 import argparse
 import math
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 HERE = Path(__file__).resolve().parent
@@ -50,8 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True,
                    help="training checkpoint (its 'ema' weights are used) or a bare state dict")
     p.add_argument("--baseline", type=str2bool, nargs="?", const=True, default=False,
-                   help="the checkpoint is an original SiT one (no ap_head, learned sigma, t=1 is data); "
-                        "also accepts --baseline=True/False")
+                   help="the checkpoint is an original SiT one (no ap_head, learned sigma, t=1 is data); its features "
+                        "are min-maxed per channel instead of LayerNorm; also accepts --baseline=True/False")
+    p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --baseline, feed the model t as the released script did for the paper's figures "
+                        "(default); --no-legacy feeds 1 - t, the original SiT's own time convention")
+    p.add_argument("--center-crop", "--center_crop", dest="center_crop", action="store_true",
+                   help="cut the central square of the image before resizing (default: resize the whole image, "
+                        "as released, which squeezes a non-square one)")
     p.add_argument("--img_path", "--img-path", dest="img_path", default=str(DEFAULT_IMAGE),
                    help="input image (default: assets/default.png, a synthetic parrot on a branch)")
     p.add_argument("--save_path", "--save-path", dest="save_path", default=None,
@@ -67,15 +76,19 @@ def parse_args(argv=None):
                         "below thr are drawn black; 0 shows every token")
     p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (a multiple of 8)")
-    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder")
+    p.add_argument("--vae", default="mse", help="mse (stabilityai/sd-vae-ft-mse, as released) | ema | hub name | "
+                                                "local folder")
     p.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0, help="seeds the posterior sample and the noise")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the posterior samples and the noise (one CPU generator, drawn time by time)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p.parse_args(argv)
 
 
-def load_image(path, resolution):
-    """uint8 (resolution, resolution, 3): the central square crop of the image, resized with BICUBIC."""
+def load_image(path, resolution, center_crop=False):
+    """uint8 (resolution, resolution, 3): the whole image resized with BILINEAR, as torchvision's
+    Resize((resolution, resolution)) does to a PIL image (the released recipe); center_crop first cuts
+    out the central square, so a non-square image keeps its aspect ratio."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--img_path {path}: no such file")
@@ -84,19 +97,41 @@ def load_image(path, resolution):
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"--img_path {path}: not a readable image ({e})") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    return np.array(image)  # a writable copy, for torch.from_numpy
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return np.array(image.resize((resolution, resolution), Image.BILINEAR))  # a writable copy, for torch.from_numpy
 
 
 @torch.no_grad()
-def encode(vae, pixels, generator):
-    """uint8 (H, W, 3) -> scaled latent (1, 4, H/8, W/8): a sample of the VAE posterior times 0.18215."""
+def posterior(vae, pixels):
+    """uint8 (H, W, 3) -> the VAE posterior's mean and std, each (1, 4, H/8, W/8) float32 on the CPU."""
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
-    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-    return (mean + std * torch.randn(mean.shape, generator=generator)) * LATENT_SCALE
+    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def noisy_latents(mean, std, times, generator):
+    """x_t (len(times), 4, h, w) from the posterior's mean and std (1, 4, h, w), one row per time.
+
+    As in the released script, each time has its own draws, in this order: a posterior sample
+    x = (mean + std * eps) * 0.18215, then the noise; x_t = (1 - t) x + t noise.
+    """
+    rows = []
+    for t in times:
+        x = (mean + std * torch.randn(mean.shape, generator=generator)) * LATENT_SCALE
+        noise = torch.randn(x.shape, generator=generator)
+        rows.append((1 - t) * x + t * noise)
+    return torch.cat(rows)
+
+
+def model_times(times, baseline, legacy):
+    """(len(times),) float32: the time the model is given. The original SiT reads time the other way round
+    (t = 1 is data), but the released script fed it t all the same (legacy), which is how the paper's
+    figures were made; legacy=False gives it 1 - t."""
+    t = torch.tensor(times, dtype=torch.float32)
+    return 1 - t if baseline and not legacy else t
 
 
 @torch.no_grad()
@@ -119,16 +154,22 @@ def extract_features(model, x, t, y, layers):
     return captured
 
 
-@torch.no_grad()
-def layer_features(model, latent, noise, times, layers, label, baseline):
-    """{K: tokens (len(times), T, D)} of x_t = (1 - t) latent + t noise, one batch row per time.
+def normalise(tokens, baseline):
+    """tokens (N, T, D) -> (N, T, D), prepared for the PCA as the released pca-vis does: for SRA checkpoints
+    each token goes through a LayerNorm without affine parameters (eps 1e-6); for original SiT checkpoints
+    each channel is min-max scaled over the tokens, (x - min) / (max - min + 1e-6)."""
+    if baseline:
+        low, high = tokens.amin(dim=1, keepdim=True), tokens.amax(dim=1, keepdim=True)
+        return (tokens - low) / (high - low + 1e-6)
+    return F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
 
-    latent, noise: (1, 4, h, w). The original SiT reads time as t=1 data, so baseline models get 1 - t.
-    """
-    t = torch.tensor(times, dtype=torch.float32, device=latent.device)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * latent + t.view(-1, 1, 1, 1) * noise
-    y = torch.full((len(times),), label, dtype=torch.long, device=latent.device)
-    return extract_features(model, x_t, 1 - t if baseline else t, y, layers)
+
+@torch.no_grad()
+def layer_features(model, x_t, t, label, layers, baseline):
+    """{K: normalised tokens (N, T, D) after block K} for x_t (N, 4, h, w) at model times t (N,)."""
+    y = torch.full((len(x_t),), label, dtype=torch.long, device=x_t.device)
+    features = extract_features(model, x_t, t.to(x_t.device), y, layers)
+    return {k: normalise(tokens, baseline) for k, tokens in features.items()}
 
 
 def pca_rgb(tokens, thr=0.0):
@@ -221,6 +262,8 @@ def main(argv=None):
         raise UserError(f"--label_id {args.label_id} is outside 0..{args.num_classes} ({args.num_classes}: unconditional)")
     if not 0 <= args.thr <= 1:
         raise UserError(f"--thr {args.thr} is outside [0, 1]")
+    if not args.legacy and not args.baseline:
+        raise UserError("--no-legacy changes the time given to an original SiT checkpoint: pass it with --baseline")
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} is not a positive multiple of 8 (the VAE's downsampling)")
     save_path = Path(args.save_path) if args.save_path else Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}-pca.png")
@@ -230,18 +273,16 @@ def main(argv=None):
         raise UserError("--device cuda: no CUDA device is available")
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     check_writable(save_path.parent, "--save_path")
-    pixels = load_image(args.img_path, args.resolution)
+    pixels = load_image(args.img_path, args.resolution, args.center_crop)
     model = build_model(args, device)
     for k in args.layers:
         if not 1 <= k <= model.depth:
             raise UserError(f"--layers {k} is outside 1..{model.depth}, the depth of {args.model}")
 
     vae = load_vae(args.vae, device)
-    generator = torch.Generator().manual_seed(args.seed)
-    latent = encode(vae, pixels, generator)
-    noise = torch.randn(latent.shape, generator=generator)
-    features = layer_features(model, latent.to(device), noise.to(device), args.times, args.layers, args.label_id,
-                              args.baseline)
+    x_t = noisy_latents(*posterior(vae, pixels), args.times, torch.Generator().manual_seed(args.seed))
+    features = layer_features(model, x_t.to(device), model_times(args.times, args.baseline, args.legacy),
+                              args.label_id, args.layers, args.baseline)
     maps = [[pca_rgb(features[k][i], args.thr) for k in args.layers] for i in range(len(args.times))]
     compose_grid(pixels, maps, args.times, args.layers).save(save_path)
     print(f"saved {save_path}")

@@ -20,7 +20,7 @@ from PIL import Image
 import generate
 from diffusion import create_diffusion
 from models import DiT_models
-from sampling_io import RowGenerators
+from sampling_io import RowGenerators, fill_unset_flags
 from utils import UserError, load_checkpoint, run_main
 
 RES, N, BATCH, CLASSES, MODEL = 32, 10, 4, 10, "DiT-T/2"
@@ -54,7 +54,8 @@ def argv(ckpt, sample_dir, vae_dir, *extra):
     """generate.py's command line for the tiny setting: DDPM, 5 steps, no guidance (gen.sh's CFG 1.0)."""
     return ["generate.py", "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--model", MODEL,
             "--num-classes", str(CLASSES), "--resolution", str(RES), "--vae", str(vae_dir),
-            "--per-proc-batch-size", str(BATCH), "--num-fid-samples", str(N), "--num-sampling-steps", "5", *extra]
+            "--per-proc-batch-size", str(BATCH), "--num-fid-samples", str(N), "--num-sampling-steps", "5",
+            "--cfg-scale", "1.0", *extra]
 
 
 def the_npz(sample_dir):
@@ -91,16 +92,54 @@ def base_run(ckpt, tiny_vae_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- in-process units
 
+def parse_for_bare_state_dict(argv):
+    """parse_args, then the flags a checkpoint without args leaves unset filled with the released defaults."""
+    return fill_unset_flags(generate.parse_args(argv), None, generate.RELEASED_DEFAULTS)
+
+
 def test_flag_errors_name_the_flag():
     base = ["--ckpt", "x.pt"]
-    generate.check_flags(generate.parse_args(base))  # the released defaults
-    generate.check_flags(generate.parse_args(base + ["--sampler", "ddim", "--num-steps", "50"]))
+    generate.check_flags(parse_for_bare_state_dict(base))  # the released defaults
+    generate.check_flags(parse_for_bare_state_dict(base + ["--sampler", "ddim", "--num-steps", "50"]))
     for flag, bad in (("--num-sampling-steps", ["--num-sampling-steps", "0"]),
                       ("--num-sampling-steps", ["--num-sampling-steps", "1001"]),
                       ("--num-sampling-steps", ["--sampler", "ddim", "--num-steps", "600"]),  # no stride gives 600
                       ("--global-seed", ["--global-seed", "-1"]), ("--resolution", ["--image-size", "30"])):
         with pytest.raises(UserError, match=flag):
-            generate.check_flags(generate.parse_args(base + bad))
+            generate.check_flags(parse_for_bare_state_dict(base + bad))
+
+
+def test_direct_call_defaults_are_the_released_generate_py():
+    args = parse_for_bare_state_dict(["--ckpt", "x.pt"])
+    assert (args.model, args.resolution, args.num_classes, args.sampler, args.num_sampling_steps, args.cfg_scale,
+            args.per_proc_batch_size, args.num_fid_samples, args.vae, args.global_seed, args.tf32) == (
+        "DiT-XL/2", 256, 1000, "ddpm", 250, 1.5, 32, 50_000, "ema", 0, True)
+    assert generate.parse_args(["--ckpt", "x.pt", "--local-rank=3"]).local_rank == 3  # torch.distributed.launch
+    assert generate.parse_args(["--ckpt", "x.pt", "--local_rank", "3"]).local_rank == 3
+
+
+def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(ckpt, tmp_path):
+    args = generate.parse_args(["--ckpt", str(ckpt)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes) == (MODEL, RES, CLASSES)
+    args = generate.parse_args(["--ckpt", str(ckpt), "--model", "DiT-B/4", "--image-size", "64"])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes) == ("DiT-B/4", 64, CLASSES)
+    path = tmp_path / "unknown.pt"
+    torch.save(training_checkpoint(tiny_model().state_dict(), model_name="DiT-Q/2"), path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    with pytest.raises(UserError, match="trained with --model DiT-Q/2"):
+        generate.check_flags(args)
+
+
+def test_a_run_without_model_flags_samples_as_the_checkpoints_args_say(base_run, ckpt, tiny_vae_dir, tmp_path):
+    flags = argv(ckpt, tmp_path, tiny_vae_dir)
+    for flag in ("--model", "--num-classes", "--resolution"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    run_script(*flags)
+    npz, _ = the_npz(tmp_path)
+    assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()
 
 
 def manual_guidance(model):

@@ -20,6 +20,7 @@ from PIL import Image
 
 import generate
 from models import SiT_models
+from sampling_io import fill_unset_flags
 from utils import UserError, load_checkpoint, run_main
 
 RES, N, BATCH, CLASSES = 32, 10, 4, 10
@@ -77,13 +78,56 @@ def base_run(ckpt, tiny_vae_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- in-process units
 
+def parse_for_bare_state_dict(argv):
+    """parse_args, then the flags a checkpoint without args leaves unset filled with the released defaults."""
+    return fill_unset_flags(generate.parse_args(argv), None, generate.RELEASED_DEFAULTS)
+
+
 def test_flag_errors_name_the_flag():
     base = ["--ckpt", "x.pt"]
-    generate.check_flags(generate.parse_args(base))  # the released defaults
+    generate.check_flags(parse_for_bare_state_dict(base))  # the released defaults
     for bad in (["--num-steps", "0"], ["--heun"], ["--resolution", "30"], ["--global-seed", "-1"],
                 ["--guidance-low", "0.8", "--guidance-high", "0.7"]):
         with pytest.raises(UserError, match=bad[0]):
-            generate.check_flags(generate.parse_args(base + bad))
+            generate.check_flags(parse_for_bare_state_dict(base + bad))
+
+
+def test_direct_call_defaults_are_the_released_generate_py(tmp_path):
+    args = parse_for_bare_state_dict(["--ckpt", "x.pt"])
+    assert (args.model, args.resolution, args.num_classes, args.path_type, args.mode, args.num_steps, args.cfg_scale,
+            args.guidance_low, args.guidance_high, args.per_proc_batch_size, args.num_fid_samples, args.vae,
+            args.global_seed, args.tf32) == (
+        "SiT-B/2", 256, 1000, "linear", "sde", 50, 1.8, 0.0, 1.0, 32, 50_000, "ema", 0, True)
+    assert generate.parse_args(["--ckpt", "x.pt", "--local-rank=3"]).local_rank == 3  # torch.distributed.launch
+    assert generate.parse_args(["--ckpt", "x.pt", "--local_rank", "3"]).local_rank == 3
+
+
+def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(tmp_path):
+    path = tmp_path / "cosine.pt"
+    checkpoint = training_checkpoint(tiny_state_dict())
+    checkpoint["args"].path_type = "cosine"
+    torch.save(checkpoint, path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes, args.path_type) == ("SiT-S/2", RES, CLASSES, "cosine")
+    args = generate.parse_args(["--ckpt", str(path), "--model", "SiT-B/4", "--resolution", "64", "--path-type", "linear"])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes, args.path_type) == ("SiT-B/4", 64, CLASSES, "linear")
+    checkpoint["args"].model = "SiT-Q/2"
+    torch.save(checkpoint, path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    with pytest.raises(UserError, match="trained with --model SiT-Q/2 --path-type cosine"):
+        generate.check_flags(args)
+
+
+def test_a_run_without_model_flags_samples_as_the_checkpoints_args_say(base_run, ckpt, tiny_vae_dir, tmp_path):
+    flags = argv(ckpt, tmp_path, tiny_vae_dir)
+    for flag in ("--model", "--num-classes", "--resolution"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    run_script(*flags)
+    npz, _ = the_npz(tmp_path)
+    assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()
 
 
 @pytest.mark.parametrize("resolution, cfg", [("256", 1.8), ("512", 2.5)])
@@ -128,7 +172,7 @@ def test_class_balanced_labels_are_the_index_modulo_the_classes(monkeypatch):
 
     monkeypatch.setattr(generate, "euler_maruyama_sampler", sampler)
     monkeypatch.setattr(generate, "decode_to_uint8", lambda vae, latents: latents)
-    flags = ["--ckpt", "c.pt", "--num-classes", str(CLASSES), "--resolution", str(RES)]
+    flags = ["--ckpt", "c.pt", "--num-classes", str(CLASSES), "--resolution", str(RES), "--model", "SiT-S/2"]
     random_args, balanced_args = generate.parse_args(flags), generate.parse_args(flags + ["--class-balanced"])
     latents = generate.sample_batch(balanced_args, None, None, range(7, 19), torch.device("cpu"))
     assert seen["labels"] == [i % CLASSES for i in range(7, 19)]

@@ -62,11 +62,13 @@ def test_one_process_end_to_end(tmp_path, latent_data_dir, tiny_vae_dir):
         assert Image.open(exp / "samples" / "step-7.png").size == (8 * 32, 8 * 32)
 
 
-def test_ema_of_a_model_that_does_not_move_is_the_model(tmp_path, latent_data_dir):
-    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--learning-rate", "0"))
-    ckpt = checkpoint(tmp_path, "step-2.pt")
-    for k in ckpt["ema"]:  # lr 0: the EMA starts as a copy and averages a constant (up to rounding)
-        torch.testing.assert_close(ckpt["ema"][k], ckpt["model"][k], rtol=1e-6, atol=1e-7)
+def test_ema_moves_by_its_decay_after_every_step(tmp_path, latent_data_dir):
+    run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--checkpoint-steps", "1",
+                           "--ema-decay", "0.75"))
+    one, two = checkpoint(tmp_path, "step-1.pt"), checkpoint(tmp_path, "step-2.pt")
+    assert any(not torch.equal(one["model"][k], two["model"][k]) for k in two["model"])  # the model moved
+    for k in two["ema"]:  # ema_2 = decay * ema_1 + (1 - decay) * model_2
+        torch.testing.assert_close(two["ema"][k], 0.75 * one["ema"][k] + 0.25 * two["model"][k], rtol=1e-5, atol=1e-7)
 
 
 def test_no_sra_baseline_trains_without_alignment(tmp_path, latent_data_dir):
@@ -254,3 +256,58 @@ def test_ema_decay_zero_makes_the_ema_follow_the_model(tmp_path, latent_data_dir
     ckpt = checkpoint(tmp_path, "step-2.pt")
     for k in ckpt["ema"]:
         assert torch.equal(ckpt["ema"][k], ckpt["model"][k]), k
+
+
+def test_direct_call_defaults_are_the_released_train_py():
+    import train
+    args = train.parse_args(["--exp-name", "e", "--data-dir", "d"])
+    assert (args.loss_type, args.block_out_s, args.block_out_t, args.t_max, args.cfg_prob, args.num_workers,
+            args.max_train_steps, args.epochs, args.checkpoint_steps, args.checkpoint_epochs, args.batch_size,
+            args.learning_rate, args.mixed_precision, args.max_grad_norm, args.ema_decay) == (
+        {"SiT": "cos", "DiT": "sml1"}[FAMILY], 4, 8, 0.2, 0.1, 8, 4_100_000, 801, 50_000, 200, 32, 1e-4, "fp16", 1.0,
+        0.9999)
+    assert train.parse_args(["--exp-name", "e", "--data-dir", "d", "--local-rank=1"]).local_rank == 1
+
+
+def test_tf32_is_enabled_as_in_the_released_train_py(tmp_path, latent_data_dir):
+    code = ("import sys, torch, train; torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False; "
+            "train.main(train.parse_args(sys.argv[1:])); "
+            "print('tf32', torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)")
+    result = run_script("-c", code, *train_args(tmp_path, latent_data_dir, "--max-train-steps", "1")[1:])
+    assert "tf32 True True" in result.stdout
+
+
+def released_checkpoint(path, steps, epoch):
+    """What the released train.py saves: a plain (non-fused) AdamW's state, args as an argparse.Namespace, the epoch
+    and step counter, and no RNG state or data position."""
+    import argparse
+    import copy
+
+    torch.manual_seed(0)
+    model = MODELS[TINY_MODEL](input_size=4, num_classes=10)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t = torch.rand(4) if FAMILY == "SiT" else torch.randint(0, 1000, (4,))
+    x, y = torch.randn(4, 4, 4, 4), torch.randint(0, 10, (4,))
+    for _ in range(steps):
+        (model(x, t, y)[:, :4] - x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    args = argparse.Namespace(model=TINY_MODEL, resolution=32, num_classes=10, loss_type="sml1")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(), "args": args,
+                "epoch": epoch, "steps": steps}, path)
+
+
+def test_a_checkpoint_of_the_released_code_resumes(tmp_path, latent_data_dir):
+    released = tmp_path / "released.pt"
+    released_checkpoint(released, steps=3, epoch=2)
+    result = run_script(*train_args(tmp_path, latent_data_dir, "--resume-ckpt", str(released), "--max-train-steps",
+                                    "5", "--checkpoint-steps", "1"))
+    assert "holds no RNG state or data position" in result.stdout + result.stderr
+    names = sorted(p.name for p in (tmp_path / "exp" / "checkpoints").glob("step-*.pt"))
+    assert names == ["step-4.pt", "step-5.pt"]
+    last = checkpoint(tmp_path, "step-5.pt")
+    assert (last["steps"], last["epoch"], last["batch_in_epoch"]) == (5, 2, 2)  # epoch 2 continued from its start
+    saved = torch.load(released, weights_only=False)["opt"]["state"]
+    assert saved and all(last["opt"]["state"][i]["step"].item() == 3 + 2 for i in saved)  # the file's moments went on
+    assert last["opt"]["param_groups"][0]["fused"] is True

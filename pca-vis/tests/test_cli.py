@@ -92,6 +92,7 @@ def test_original_sit_checkpoint_without_baseline_is_an_error(sit_ckpt):
     (["--resolution", "60"], "not a positive multiple of 8"),
     (["--model", "SiT-B/2"], "is another architecture than --model SiT-B/2"),
     (["--baseline"], "has an ap_head: this is an SRA checkpoint, drop --baseline"),
+    (["--no-legacy"], "--no-legacy changes the time given to an original SiT checkpoint: pass it with --baseline"),
 ])
 def test_user_errors(sra_ckpt, flags, message):
     with pytest.raises(UserError, match=message):
@@ -109,6 +110,13 @@ def test_missing_checkpoint_is_an_error(tmp_path):
 ])
 def test_baseline_flag_spellings(flags, expected):
     assert parse_args(["--ckpt", "x.pt", *flags]).baseline is expected
+
+
+def test_defaults_are_the_released_recipe():
+    """sd-vae-ft-mse, the baseline fed t (legacy), the whole image resized without a crop."""
+    args = parse_args(["--ckpt", "x.pt"])
+    assert (args.vae, args.legacy, args.center_crop) == ("mse", True, False)
+    assert parse_args(["--ckpt", "x.pt", "--baseline", "--no-legacy", "--center-crop"]).legacy is False
 
 
 def test_bad_baseline_value_is_rejected():

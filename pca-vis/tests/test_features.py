@@ -1,9 +1,9 @@
-"""The features given to the PCA are the model's own eval-mode `model.features` at each layer."""
+"""The features given to the PCA: the model's own eval-mode `model.features` at each layer, normalised as released."""
 import pytest
 import torch
 from conftest import LATENT, NUM_CLASSES, tiny_sit
 
-from main_pca import extract_features, layer_features
+from main_pca import extract_features, layer_features, model_times, noisy_latents, normalise
 
 
 def inputs(batch=3, seed=0):
@@ -40,16 +40,45 @@ def test_layers_outside_the_model_are_an_error(bad):
 
 
 @pytest.mark.parametrize("baseline", [False, True])
-def test_layer_features_noise_the_latent_and_use_the_time_convention(baseline):
-    """x_t = (1 - t) x + t noise, one row per time; the model gets t (SRA) or 1 - t (original SiT)."""
+def test_layer_features_are_the_normalised_model_features(baseline):
+    """One batch row per time; each map is model.features normalised as the released pca-vis does."""
     model = tiny_sit(learn_sigma=baseline)
-    gen = torch.Generator().manual_seed(5)
-    latent, noise = torch.randn(2, 1, 4, LATENT, LATENT, generator=gen)
-    times, layers, label = [0.7, 0.3, 0.0], [2, 9], 6
-    features = layer_features(model, latent, noise, times, layers, label, baseline)
+    x, t, _ = inputs()
+    layers, label = [2, 9], 6
+    features = layer_features(model, x, t, label, layers, baseline)
     with torch.no_grad():
-        for i, t in enumerate(times):
-            t_model = torch.tensor([1 - t if baseline else t])
-            for k in layers:
-                expected = model.features((1 - t) * latent + t * noise, t_model, torch.tensor([label]), depth=k)[0]
-                torch.testing.assert_close(features[k][i], expected, rtol=1e-5, atol=1e-5)
+        for k in layers:
+            expected = normalise(model.features(x, t, torch.full((3,), label), depth=k), baseline)
+            torch.testing.assert_close(features[k], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_normalise_sra_is_a_layer_norm_per_token():
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    out = normalise(tokens, baseline=False).double()
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 16, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 16, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_normalise_baseline_min_maxes_each_channel_over_the_tokens():
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
+    out = normalise(tokens, baseline=True)
+    low, high = tokens.amin(1, keepdim=True), tokens.amax(1, keepdim=True)
+    torch.testing.assert_close(out.amin(1), torch.zeros(2, 32, dtype=torch.float64))
+    torch.testing.assert_close(out.amax(1), ((high - low) / (high - low + 1e-6))[:, 0])
+
+
+@pytest.mark.parametrize("baseline, legacy, expected", [
+    (False, True, [0.7, 0.25]), (True, True, [0.7, 0.25]), (True, False, [0.3, 0.75]),
+])
+def test_model_times(baseline, legacy, expected):
+    torch.testing.assert_close(model_times([0.7, 0.25], baseline, legacy), torch.tensor(expected))
+
+
+def test_noisy_latents_draw_a_posterior_sample_then_noise_per_time():
+    gen = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(1, 4, 2, 2, generator=gen), torch.rand(1, 4, 2, 2, generator=gen)
+    x_t = noisy_latents(mean, std, [0.7, 0.0], torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    draws = [torch.randn(1, 4, 2, 2, generator=gen) for _ in range(4)]  # eps, noise, eps, noise
+    torch.testing.assert_close(x_t[0:1], 0.3 * (mean + std * draws[0]) * 0.18215 + 0.7 * draws[1])
+    torch.testing.assert_close(x_t[1:2], (mean + std * draws[2]) * 0.18215)
