@@ -287,9 +287,9 @@ class LossLog:
     sync of the loop. Counts non-finite steps (their update was skipped by the optimizer) and stops
     the run once there are more than --skip-nonfinite."""
 
-    def __init__(self, accelerator, path, skip_nonfinite, nonfinite_skipped=0):
+    def __init__(self, accelerator, path, skip_nonfinite):
         self.accelerator, self.path, self.skip_nonfinite = accelerator, path, skip_nonfinite
-        self.nonfinite_skipped = nonfinite_skipped
+        self.nonfinite_skipped = 0  # a resumed run continues the checkpoint's count (Trainer.resume)
         self.pending = []  # (step, epoch, (denoising, align, grad norm) device tensors)
         self.progress = None  # the tqdm bar that shows the latest losses
 
