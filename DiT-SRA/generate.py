@@ -18,15 +18,14 @@ every DDPM step's noise (see sampling_io.py). Resume: rerun the same command; va
 generated again, and the .npz is written once all N PNGs are valid.
 """
 import argparse
-import re
 from pathlib import Path
 
 import torch
 
 from diffusion import create_diffusion
 from models import DiT_models
-from sampling_io import (LATENT_CHANNELS, PRECISIONS, RowGenerators, autocast_call, check_common_flags, prepare,
-                         read_checkpoint, run_on_processes, sample_seed, write_samples)
+from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags, prepare,
+                         read_checkpoint, run_on_processes, sample_folder_name, sample_seed, write_samples)
 from utils import UserError, decode_to_uint8, run_main
 
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
@@ -35,30 +34,15 @@ RELEASED_DEFAULTS = {"model": "DiT-XL/2", "resolution": 256, "num_classes": 1000
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
-    p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
-    p.add_argument("--model", choices=sorted(DiT_models), default=None, help="default: the checkpoint's, else DiT-XL/2")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
+    add_common_flags(p, DiT_models, RELEASED_DEFAULTS, "the diffusion steps stay float32")
     p.add_argument("--resolution", "--image-size", type=int, default=None,
                    help="image side in pixels, a multiple of 8 (--image-size: the released name); default: the "
                         "checkpoint's, else 256")
-    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder of a diffusers AutoencoderKL")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: ancestral steps (the released sampler); ddim: deterministic DDIM, eta 0")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
     p.add_argument("--num-sampling-steps", "--num-steps", type=int, default=250,
                    help="respaced steps out of the 1000 trained ones")
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="autocast dtype of the model calls; the diffusion steps stay float32")
-    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
-                   help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
     return p.parse_args(argv)
 
 
@@ -83,19 +67,8 @@ def check_flags(args):
 
 
 def folder_name(args):
-    """The released name, `{model}-{ckpt stem}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}`, followed by every other
-    setting that changes the pixels, so that a resume never mixes samples of different settings (switches that change
-    only the rounding, --tf32, --fused-attn and the batch size, are left out, as in the released name)."""
-    def clean(text):
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
-
-    vae = clean(Path(args.vae.rstrip("/")).name)  # a local folder or hub name shortened to its last part
-    name = (f"{clean(args.model)}-{clean(Path(args.ckpt).stem)}-size-{args.resolution}-vae-{vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.sampler}-steps-{args.num_sampling_steps}-"
-            f"{args.precision}")
-    if args.num_classes != 1000:
-        name += f"-classes-{args.num_classes}"
-    return name
+    """sampling_io.sample_folder_name (the released `...-seed-{seed}`) with the sampler, its steps and the precision."""
+    return sample_folder_name(args, f"{args.sampler}-steps-{args.num_sampling_steps}-{args.precision}")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -146,8 +119,6 @@ def sample_batch(args, diffusion, model, vae, indices, device):
 # ---------------------------------------------------------------------------------------------- main
 
 def generate(args, procs, weights):
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
     folder = Path(args.sample_dir) / folder_name(args)
     model, vae = prepare(args, procs, DiT_models, folder, weights)
     diffusion = build_diffusion(args)

@@ -14,15 +14,14 @@ i % num_classes with --class-balanced) and then every SDE step's noise (see samp
 generated again, and the .npz is written once all N PNGs are valid.
 """
 import argparse
-import re
 from pathlib import Path
 
 import torch
 
 from models import SiT_models
 from samplers import euler_maruyama_sampler, euler_sampler
-from sampling_io import (LATENT_CHANNELS, PRECISIONS, RowGenerators, autocast_call, check_common_flags, prepare,
-                         read_checkpoint, run_on_processes, sample_seed, write_samples)
+from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags, prepare,
+                         read_checkpoint, run_on_processes, sample_folder_name, sample_seed, write_samples)
 from utils import UserError, decode_to_uint8, run_main
 
 PATH_TYPES = ("linear", "cosine")
@@ -32,15 +31,9 @@ RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
-    p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
-    p.add_argument("--model", choices=sorted(SiT_models), default=None, help="default: the checkpoint's, else SiT-B/2")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
+    add_common_flags(p, SiT_models, RELEASED_DEFAULTS, "the integration stays float64")
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, a multiple of 8; default: the checkpoint's, else 256")
-    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder of a diffusers AutoencoderKL")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--mode", choices=["sde", "ode"], default="sde")
     p.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale (1: none)")
     p.add_argument("--path-type", choices=PATH_TYPES, default=None, help="default: the checkpoint's, else linear")
@@ -48,17 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--heun", action="store_true", help="Heun correction (--mode ode only)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
     p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
-    p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--class-balanced", action="store_true",
                    help="sample i shows class i %% num-classes (equal counts) instead of a random class")
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="autocast dtype of the model calls; the integration stays float64")
-    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
-                   help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
     return p.parse_args(argv)
 
 
@@ -79,22 +63,11 @@ def check_flags(args):
 # ---------------------------------------------------------------------------------------------- setup
 
 def folder_name(args):
-    """The released name, `{model}-{ckpt stem}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{mode}`, followed by every
-    other setting that changes the pixels, so that a resume never mixes samples of different settings (switches that
-    change only the rounding, --tf32, --fused-attn and the batch size, are left out, as in the released name)."""
-    def clean(text):
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
-
-    vae = clean(Path(args.vae.rstrip("/")).name)  # a local folder or hub name shortened to its last part
-    name = (f"{clean(args.model)}-{clean(Path(args.ckpt).stem)}-size-{args.resolution}-vae-{vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-steps-{args.num_steps}"
-            f"{'-heun' if args.heun else ''}-interval-{args.guidance_low}-{args.guidance_high}-"
-            f"{args.path_type}-{args.precision}")
-    if args.num_classes != 1000:
-        name += f"-classes-{args.num_classes}"
-    if args.class_balanced:
-        name += "-balanced"
-    return name
+    """sampling_io.sample_folder_name (the released `...-seed-{seed}`) with the SDE/ODE mode, the steps, Heun, the
+    guidance interval, the path and the precision, and `-balanced` with --class-balanced."""
+    settings = (f"{args.mode}-steps-{args.num_steps}{'-heun' if args.heun else ''}-interval-{args.guidance_low}-"
+                f"{args.guidance_high}-{args.path_type}-{args.precision}")
+    return sample_folder_name(args, settings) + ("-balanced" if args.class_balanced else "")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -117,8 +90,6 @@ def sample_batch(args, model_fn, vae, indices, device):
 # ---------------------------------------------------------------------------------------------- main
 
 def generate(args, procs, weights):
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
     folder = Path(args.sample_dir) / folder_name(args)
     model, vae = prepare(args, procs, SiT_models, folder, weights)
     model_fn = autocast_call(model, procs.device, args.precision)

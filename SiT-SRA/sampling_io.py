@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,31 @@ SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRID
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
 LATENT_CHANNELS = 4
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_common_flags(p, models, released_defaults, precision_note):
+    """Adds the flags every generate.py has to the ArgumentParser `p`: the checkpoint, output, VAE, batch, sample count,
+    seed, attention and precision switches, the launcher's --local-rank, and --model (choices: the registry `models`)
+    and --num-classes, whose help names their `released_defaults`. `precision_note` says what --precision leaves in
+    full precision."""
+    p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
+    p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
+    p.add_argument("--model", choices=sorted(models), default=None,
+                   help=f"default: the checkpoint's, else {released_defaults['model']}")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"default: the checkpoint's, else {released_defaults['num_classes']}")
+    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder of a diffusers AutoencoderKL")
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--num-fid-samples", type=int, default=50_000)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help=f"autocast dtype of the model calls; {precision_note}")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
 
 
 def check_common_flags(args):
@@ -113,8 +139,10 @@ def init_processes(local_rank_flag=None):
 
 
 def run_on_processes(generate, args, weights):
-    """generate(args, procs, weights) on this process, in the torchrun process group if there is one (left however it
-    ends)."""
+    """generate(args, procs, weights) on this process, with TF32 as --tf32 says, in the torchrun process group if there
+    is one (left however it ends)."""
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     procs = init_processes(args.local_rank)
     try:
         generate(args, procs, weights)
@@ -124,6 +152,22 @@ def run_on_processes(generate, args, weights):
 
 
 # ---------------------------------------------------------------------------------------------- setup
+
+def sample_folder_name(args, settings):
+    """The released name, `{model}-{ckpt stem}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}`, then `-{settings}` (the
+    sampler's settings that change the pixels) and `-classes-{n}` when --num-classes is not 1000, so that a resume
+    never mixes samples of different settings (switches that change only the rounding, --tf32, --fused-attn and the
+    batch size, are left out, as in the released name)."""
+    def clean(text):
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
+
+    vae = clean(Path(args.vae.rstrip("/")).name)  # a local folder or hub name shortened to its last part
+    name = (f"{clean(args.model)}-{clean(Path(args.ckpt).stem)}-size-{args.resolution}-vae-{vae}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{settings}")
+    if args.num_classes != 1000:
+        name += f"-classes-{args.num_classes}"
+    return name
+
 
 @dataclass
 class Weights:
