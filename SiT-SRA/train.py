@@ -18,72 +18,23 @@ from alignment import LOSS_TYPES
 from loss import SRALoss
 from models import SiT_models
 from samplers import euler_sampler
-from training import Trainer, build_model, fused_adamw, start_run
-from utils import decode_to_uint8, load_vae, non_negative_int, positive_int, run_main, save_image_grid
+from training import Trainer, add_training_flags, build_model, fused_adamw, start_run
+from utils import decode_to_uint8, load_vae, non_negative_int, run_main, save_image_grid
 
 ALIGN_BASE_WEIGHT = 2.0  # SiT's alignment weight before its decay (alignment.align_weight)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # logging and checkpoints
-    p.add_argument("--output-dir", default="exps")
-    p.add_argument("--exp-name", required=True)
-    p.add_argument("--logging-dir", default="logs", help="tracker folder inside output-dir")
-    p.add_argument("--report-to", default=None, help="tracker for accelerate, e.g. wandb")
-    p.add_argument("--resume-ckpt", default=None, help="checkpoint path, or 'latest' of this experiment")
+    add_training_flags(p, SiT_models, "SiT-XL/2")
     p.add_argument("--sample-steps", type=non_negative_int, default=100_000,
                    help="sample a 64-image grid every N steps (0: never)")
-    p.add_argument("--checkpoint-steps", type=positive_int, default=50000)
-    p.add_argument("--checkpoint-epochs", type=positive_int, default=200)
-    p.add_argument("--keep-last", type=non_negative_int, default=0,
-                   help="keep only the K newest step checkpoints (0: all)")
-    p.add_argument("--log-every", type=positive_int, default=100,
-                   help="steps between host syncs for logging and checks")
-    p.add_argument("--max-train-steps", type=positive_int, default=4_100_000,
-                   help="stop after this many steps or --epochs, whichever comes first")
-    p.add_argument("--epochs", type=positive_int, default=801)
-    # model
-    p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
-    p.add_argument("--num-classes", type=positive_int, default=1000)
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
-    # data
-    p.add_argument("--data-dir", "--data-dir-train", dest="data_dir", required=True,
-                   help="folder holding vae-sd/ (preprocessing/dataset_tools.py encode)")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (256, 512; small for tests)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--num-workers", type=non_negative_int, default=8)
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder (for sample grids)")
-    # precision and optimisation
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--adam-weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-epsilon", type=float, default=1e-8)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
-                   help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
-    p.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
-    p.add_argument("--skip-nonfinite", type=non_negative_int, default=0,
-                   help="steps with a non-finite loss to skip before stopping")
-    # loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="cos",
                    help="cos (released default, constant weight 0.5) or sml1 (the paper's table, decayed weight)")
-    p.add_argument("--cfg-prob", type=float, default=0.1, help="class-dropout probability")
     p.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["v"], default="v")
     p.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform")
-    p.add_argument("--block-out-s", type=int, default=4, help="student block whose features are aligned")
-    p.add_argument("--block-out-t", type=int, default=8, help="EMA-teacher block giving the target features")
-    p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
-    p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
     return p.parse_args(argv)
 
 
