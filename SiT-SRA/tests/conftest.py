@@ -1,6 +1,8 @@
 """Puts this tree on sys.path so tests import its modules (models, loss, ...) by their plain names,
 names the tree's model family (tests shared by both trees use MODELS and TINY_MODEL), and builds
-the tiny real inputs the scripts need: a random local VAE and a latent dataset."""
+the tiny real inputs the scripts need: a random local VAE, a latent dataset, and for generate.py a
+checkpoint, its command line and one base run."""
+import argparse
 import copy
 import json
 import os
@@ -87,3 +89,92 @@ def tiny_vae_dir(tmp_path_factory):
 def latent_data_dir(tmp_path_factory):
     """24 random latents of 32 px images with labels in 0..9."""
     return write_latent_dataset(tmp_path_factory.mktemp("data"), num_items=24, resolution=32, num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------- generate.py
+# The tiny sampling setting: N samples of RES px (latent 4x4) in batches of BATCH, CLASSES classes. SiT-S/2 is sampled
+# by the SDE in 5 steps with CFG 4 on t in [0.2, 0.7]; DiT-T/2 by 5 respaced DDPM steps without guidance (gen.sh's 1.0).
+RES, N, BATCH, CLASSES = 32, 10, 4, 10
+SAMPLE_MODEL = {"SiT": "SiT-S/2", "DiT": "DiT-T/2"}[FAMILY]
+SAMPLER_FLAGS = {"SiT": ["--num-steps", "5", "--cfg-scale", "4.0", "--guidance-low", "0.2", "--guidance-high", "0.7"],
+                 "DiT": ["--num-sampling-steps", "5", "--cfg-scale", "1.0"]}[FAMILY]
+
+
+def sampling_model(model_name=SAMPLE_MODEL, num_classes=CLASSES, seed=0):
+    """A model (eval mode) whose zero-initialised adaLN and output layers are perturbed, so samples are not trivial."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = MODELS[model_name](input_size=RES // 8, num_classes=num_classes, class_dropout_prob=0.1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                param.add_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+def training_checkpoint(state_dict, model_name=SAMPLE_MODEL, num_classes=CLASSES):
+    """The dict train.py writes; `model` and `ema` share tensors, so torch.save stores them once."""
+    args = argparse.Namespace(model=model_name, resolution=RES, num_classes=num_classes, cfg_prob=0.1)
+    return {"model": state_dict, "ema": state_dict, "opt": {}, "args": args, "epoch": 3, "steps": 100}
+
+
+def generate_argv(ckpt, sample_dir, vae_dir, *extra):
+    """generate.py's command line for the tiny setting, `extra` flags last (they win)."""
+    return ["generate.py", "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--model", SAMPLE_MODEL,
+            "--num-classes", str(CLASSES), "--resolution", str(RES), "--vae", str(vae_dir),
+            "--per-proc-batch-size", str(BATCH), "--num-fid-samples", str(N), *SAMPLER_FLAGS, *extra]
+
+
+def the_npz(sample_dir):
+    """The one .npz of a sample dir (asserting there is exactly one) and the folder of its PNGs."""
+    npzs = sorted(Path(sample_dir).glob("*.npz"))
+    assert len(npzs) == 1, npzs
+    return npzs[0], npzs[0].with_suffix("")
+
+
+def run_generate(ckpt, sample_dir, vae_dir, *extra):
+    """Runs generate.py in a subprocess; returns (npz path, PNG folder)."""
+    run_script(*generate_argv(ckpt, sample_dir, vae_dir, *extra))
+    return the_npz(sample_dir)
+
+
+def gen_sh_arguments(tmp_path, **env):
+    """Runs gen.sh with the environment `env` and a stand-in torchrun that records its arguments; asserts the
+    torchrun part (one node, NUM_GPUS=4 processes) and returns generate.py's arguments."""
+    (tmp_path / "torchrun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    (tmp_path / "torchrun").chmod(0o755)
+    full_env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args"),
+                "NUM_GPUS": "4", **env}
+    subprocess.run(["bash", "gen.sh"], cwd=TREE, env=full_env, check=True)
+    recorded = (tmp_path / "args").read_text().splitlines()
+    assert recorded[:3] == ["--nnodes=1", "--nproc_per_node=4", "generate.py"]
+    return recorded[3:]
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A training checkpoint of sampling_model() named step-100.pt."""
+    import torch
+
+    path = tmp_path_factory.mktemp("ckpt") / "step-100.pt"
+    torch.save(training_checkpoint(sampling_model().state_dict()), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_run(ckpt, tiny_vae_dir, tmp_path_factory):
+    """One uninterrupted single-process run of generate.py with seed 0: (npz path, PNG folder)."""
+    return run_generate(ckpt, tmp_path_factory.mktemp("base"), tiny_vae_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process torch on one thread, like the scripts' subprocesses (OMP_NUM_THREADS=1): on tiny tensors a second
+    thread only adds waiting, a lot of it on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,202 @@
+"""End-to-end tests of generate.py that hold for both families, on CPU with conftest's tiny setting (SiT-S/2 or
+DiT-T/2 at 32 px, a random local VAE, 10 samples): the files written, determinism, processes, resume, errors.
+
+Sampling runs are subprocesses, as a user launches them (python, or torchrun with 2 gloo processes); the error cases
+run in-process through utils.run_main (one subprocess, another architecture, checks the real exit status).
+Each tree's test_generate.py tests its own flags, sampler and gen.sh; test_sampling_io.py the model-independent
+helpers (seeds, PNGs, the .npz writer).
+"""
+import argparse
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_argv, run_generate, run_script,
+                      sampling_model, the_npz, training_checkpoint)
+from PIL import Image
+
+import generate
+from utils import load_checkpoint, run_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE_FOLDER = {"SiT": "SiT-S-2-step-100-size-32-vae-vae0-cfg-4.0-seed-0-sde-steps-5-interval-0.2-0.7-linear-fp32"
+                      "-classes-10",
+               "DiT": "DiT-T-2-step-100-size-32-vae-vae0-cfg-1.0-seed-0-ddpm-steps-5-fp32-classes-10"}[FAMILY]
+WIDTH = {"SiT": 384, "DiT": 192}[FAMILY]  # the hidden size of SAMPLE_MODEL
+OTHER_ARCHITECTURE = {"SiT": "SiT-S/4", "DiT": "DiT-T/1"}[FAMILY]  # same width and depth, another patch size
+
+
+def images(npz):
+    return np.load(npz)["arr_0"]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_a_run_without_model_flags_samples_as_the_checkpoints_args_say(base_run, ckpt, tiny_vae_dir, tmp_path):
+    flags = generate_argv(ckpt, tmp_path, tiny_vae_dir)
+    for flag in ("--model", "--num-classes", "--resolution"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    run_script(*flags)
+    npz, _ = the_npz(tmp_path)
+    assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_writes_pngs_and_one_npz_in_index_order(base_run):
+    npz, folder = base_run
+    assert folder.name == BASE_FOLDER
+    arr = images(npz)
+    assert arr.shape == (N, RES, RES, 3) and arr.dtype == np.uint8
+    pngs = sorted(folder.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(N)]
+    assert sorted(p.name for p in folder.iterdir()) == [p.name for p in pngs]  # no temporary files left
+    for i, path in enumerate(pngs):
+        assert np.array_equal(np.asarray(Image.open(path)), arr[i])
+    assert len({arr[i].tobytes() for i in range(N)}) == N  # the samples are not trivial copies of each other
+
+
+def test_same_seed_is_byte_identical_and_another_seed_differs(base_run, ckpt, tiny_vae_dir, tmp_path):
+    again, _ = run_generate(ckpt, tmp_path / "again", tiny_vae_dir)
+    assert again.read_bytes() == base_run[0].read_bytes()
+    other, _ = run_generate(ckpt, tmp_path / "other", tiny_vae_dir, "--global-seed", "1")
+    assert "seed-1" in other.name
+    assert not np.array_equal(images(other), images(base_run[0]))
+
+
+def test_bare_state_dict_gives_the_samples_of_the_training_checkpoint(base_run, ckpt, tiny_vae_dir, tmp_path):
+    trained = load_checkpoint(ckpt)  # weights_only, with the released checkpoints' argparse.Namespace
+    assert isinstance(trained["args"], argparse.Namespace)
+    bare = tmp_path / "step-100.pt"  # same stem, so the same folder name
+    torch.save(trained["ema"], bare)
+    npz, _ = run_generate(bare, tmp_path / "samples", tiny_vae_dir)
+    assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_two_processes_give_the_npz_of_one(base_run, ckpt, tiny_vae_dir, tmp_path):
+    run_script("torchrun", "--standalone", "--nproc_per_node", "2", *generate_argv(ckpt, tmp_path, tiny_vae_dir))
+    npz, _ = the_npz(tmp_path)
+    assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_samples_depend_on_their_index_not_on_the_batch_size(base_run, ckpt, tiny_vae_dir, tmp_path):
+    npz, _ = run_generate(ckpt, tmp_path, tiny_vae_dir, "--per-proc-batch-size", "3")
+    # Same noise, labels and step noise per index; only the float rounding of batched matmuls may differ.
+    diff = np.abs(images(npz).astype(int) - images(base_run[0]).astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_resume_regenerates_only_damaged_batches_and_gives_the_same_npz(base_run, ckpt, tiny_vae_dir, tmp_path):
+    npz, folder = base_run
+    sample_dir = tmp_path / "resume"
+    shutil.copytree(folder, sample_dir / folder.name)
+    resumed = sample_dir / folder.name
+    for i in (0, 1, 9):  # batches 0 and 2 lose PNGs; batch 1 (4..7) stays complete
+        (resumed / f"{i:06d}.png").unlink()
+    png = resumed / "000003.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # a half-written file
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(resumed / "000002.png")  # a valid PNG of the wrong size
+    (resumed / ".000009.png.tmp").write_bytes(b"left by a killed run")
+    untouched = {i: (resumed / f"{i:06d}.png").stat().st_mtime_ns for i in range(4, 8)}
+
+    result = run_script(*generate_argv(ckpt, sample_dir, tiny_vae_dir))
+    assert "1 already done, 2 to generate" in result.stdout
+    again, _ = the_npz(sample_dir)
+    assert again.read_bytes() == npz.read_bytes()
+    assert {i: (resumed / f"{i:06d}.png").stat().st_mtime_ns for i in range(4, 8)} == untouched
+    assert sorted(p.name for p in resumed.iterdir()) == [f"{i:06d}.png" for i in range(N)]
+
+    again.write_bytes(again.read_bytes()[:1000])  # a damaged npz of a finished run: written again from the PNGs
+    result = run_script(*generate_argv(ckpt, sample_dir, tiny_vae_dir))  # a finished run: nothing to generate
+    assert "3 already done, 0 to generate" in result.stdout
+    assert the_npz(sample_dir)[0].read_bytes() == npz.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+class Untrusted:
+    """Any class outside torch's weights_only allowlist: unpickling it could run code."""
+
+
+def small_checkpoint(**extra):
+    return {"ema": {"w": torch.zeros(3)}, **extra}
+
+
+def error_case(name, tmp_path, ckpt, monkeypatch):
+    """(checkpoint path, extra flags, sample dir, words the message must hold) of one error case."""
+    path, sample_dir = tmp_path / "bad.pt", tmp_path / "samples"
+    if name == "missing":
+        return path, [], sample_dir, ["--ckpt", "no such file"]
+    if name == "truncated":
+        torch.save(small_checkpoint(args=argparse.Namespace(model=SAMPLE_MODEL)), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return path, [], sample_dir, ["--ckpt", "truncated or corrupt"]
+    if name == "untrusted":
+        torch.save(small_checkpoint(extra=Untrusted()), path)
+        return path, [], sample_dir, ["--ckpt", "refused", "Untrusted"]
+    if name == "other-classes":
+        torch.save(training_checkpoint(sampling_model(num_classes=20).state_dict(), num_classes=20), path)
+        return path, [], sample_dir, [f"y_embedder.embedding_table.weight (21, {WIDTH}) vs (11, {WIDTH})",
+                                      "--num-classes 20"]
+    if name == "no-null-class":
+        state_dict = sampling_model().state_dict()
+        state_dict["y_embedder.embedding_table.weight"] = state_dict["y_embedder.embedding_table.weight"][:CLASSES]
+        torch.save(state_dict, path)
+        return path, ["--cfg-scale", "1.5"], sample_dir, ["no null class", "--cfg-scale 1"]
+    if name == "partial-head":  # a head is filled in only where the checkpoint has none at all
+        torch.save({k: v for k, v in sampling_model().state_dict().items() if k != "ap_head.linear2.weight"}, path)
+        return path, [], sample_dir, ["1 missing (ap_head.linear2.weight)"]
+    if name == "original-sit":  # like SiT's SiT-XL-2-256.pt: learned sigma, no ap_head, t = 1 is data
+        torch.manual_seed(0)
+        original = MODELS[SAMPLE_MODEL](input_size=RES // 8, num_classes=CLASSES, learn_sigma=True)
+        torch.save({k: v for k, v in original.state_dict().items() if not k.startswith("ap_head.")}, path)
+        return path, [], sample_dir, ["final_layer.linear.weight (32, 384) vs (16, 384)"]
+    if name == "steps":  # DDIM's even strides give no 600 of the 1000 steps
+        return ckpt, ["--sampler", "ddim", "--num-sampling-steps", "600"], sample_dir, ["--num-sampling-steps 600"]
+    if name == "vae":
+        return ckpt, ["--vae", str(tmp_path / "no-vae")], sample_dir, ["--vae", "AutoencoderKL"]
+    if name == "sample-dir":
+        (tmp_path / "a-file").write_text("")
+        return ckpt, [], tmp_path / "a-file" / "samples", ["--sample-dir", "not writable"]
+    if name == "world-size":  # torchrun's variables without its rendezvous: must fail at once, not wait for peers
+        for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(var, value)
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(var, raising=False)
+        return ckpt, [], sample_dir, ["WORLD_SIZE=2", "torchrun"]
+    raise ValueError(name)
+
+
+def assert_nothing_written(tmp_path):
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.npz"))
+
+
+FAMILY_ERRORS = {"SiT": ["original-sit"], "DiT": ["steps"]}[FAMILY]  # the cases of one family's flags or checkpoints
+
+
+@pytest.mark.parametrize("name", ["missing", "truncated", "untrusted", "other-classes", "no-null-class",
+                                  "partial-head", *FAMILY_ERRORS, "vae", "sample-dir", "world-size"])
+def test_errors_are_one_line_before_any_sampling(name, ckpt, tiny_vae_dir, tmp_path, monkeypatch, capsys):
+    """In-process through run_main, as the script runs it (a subprocess per case would mostly time imports)."""
+    path, flags, sample_dir, words = error_case(name, tmp_path, ckpt, monkeypatch)
+    with pytest.raises(SystemExit) as exited:
+        run_main(lambda: generate.main(generate.parse_args(generate_argv(path, sample_dir, tiny_vae_dir, *flags)[1:])))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    assert not sample_dir.exists()
+    assert_nothing_written(tmp_path)
+
+
+def test_another_architecture_exits_2_with_one_line_and_no_sample_folder(tiny_vae_dir, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(training_checkpoint(sampling_model(OTHER_ARCHITECTURE).state_dict(), OTHER_ARCHITECTURE), path)
+    result = run_script(*generate_argv(path, tmp_path / "samples", tiny_vae_dir), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr[result.stderr.index("error:"):]
+    for word in (str(path), f"another architecture than --model {SAMPLE_MODEL}", "shapes differ",
+                 f"trained with --model {OTHER_ARCHITECTURE}"):
+        assert word in message, message
+    assert not (tmp_path / "samples").exists()
+    assert_nothing_written(tmp_path)
