@@ -1,7 +1,7 @@
-"""The training loop both train.py share, and its pieces: the run's setup, the resumable batch
-order, RNG state, one optimisation step with its EMA update, the loss log, pre-emption signals,
-resume and checkpoints. What a checkpoint holds and the order of the random draws, on which an
-exact resume depends, are written down in docs/training.md.
+"""The training loop both train.py share, and its pieces: the flags, the run's setup, the resumable
+batch order, one optimisation step with its EMA update, the loss log, pre-emption signals and resume
+(the checkpoint files themselves: checkpoints.py). What a checkpoint holds and the order of the random
+draws, on which an exact resume depends, are written down in docs/training.md.
 
 This file is identical in SiT-SRA/ and DiT-SRA/ (a test checks it), so each tree runs alone.
 """
@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import os
-import random
 import signal
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from alignment import align_weight
+from checkpoints import load_optimizer_state, resolve_resume, rng_state, set_rng_state, write_checkpoint
 from dataset import LatentDataset, sample_posterior
-from utils import (UserError, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int,
-                   save_atomic)
+from utils import UserError, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int
 
 EMA_DECAY = 0.9999
 
@@ -51,29 +50,6 @@ class EpochBatchSampler(Sampler):
         for b in range(self.start_batch, self.num_items // self.global_batch):
             start = b * self.global_batch + self.rank * self.batch_size
             yield order[start:start + self.batch_size].tolist()
-
-
-def rng_state():
-    """Every RNG of this process, as plain Python objects (they travel through gather_object and
-    load with weights_only=True)."""
-    numpy_state = np.random.get_state(legacy=False)["state"]
-    state = {"python": random.getstate(), "torch": torch.get_rng_state().numpy().tobytes(),
-             "numpy": {"key": numpy_state["key"].tolist(), "pos": numpy_state["pos"]}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
-    return state
-
-
-def set_rng_state(state):
-    def as_tensor(data):
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    random.setstate(state["python"])
-    torch.set_rng_state(as_tensor(state["torch"]))
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(state["numpy"]["key"], np.uint32),
-                                                             "pos": state["numpy"]["pos"]}})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
 
 
 class EMA:
@@ -152,27 +128,6 @@ def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, ali
     return denoising, align, grad_norm
 
 
-# Flags that choose how the optimizer computes, not what: a checkpoint's (the released ones were written by a plain,
-# non-fused AdamW, with fused=None) must not switch off the fused kernel that clips and skips inside its step.
-OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
-
-
-def load_optimizer_state(optimizer, state, source):
-    """optimizer.load_state_dict(state) with this optimizer's implementation flags kept: moments, step counts and
-    hyperparameters (lr, betas, ...) come from `state`, the kernel stays this optimizer's. UserError on a state of
-    other parameters."""
-    saved_groups = state.get("param_groups", []) if isinstance(state, dict) else []
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise UserError(f"{source}: its optimizer state has {len(saved_groups)} parameter group(s), this optimizer "
-                        f"{len(optimizer.param_groups)}")
-    groups = [{**saved, **{k: own[k] for k in OPTIMIZER_IMPLEMENTATION if k in own}}
-              for saved, own in zip(saved_groups, optimizer.param_groups)]
-    try:
-        optimizer.load_state_dict({**state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{source}: its optimizer state does not fit this model's parameters ({e})") from None
-
-
 def compile_models(model, ema):
     """torch.compile, in place, the student's forward and the EMA teacher's `features`.
 
@@ -202,29 +157,6 @@ class StopRequest:
             return False
         flag = torch.tensor(float(self.requested), device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0
-
-
-def resolve_resume(resume, checkpoint_dir):
-    """The checkpoint path of --resume-ckpt: a path, or 'latest' of this experiment."""
-    if resume != "latest":
-        return Path(resume)
-    pointer = checkpoint_dir / "latest"
-    if not pointer.is_file():
-        raise UserError(f"--resume-ckpt latest: no checkpoint in {checkpoint_dir} yet")
-    return checkpoint_dir / pointer.read_text().strip()
-
-
-def write_checkpoint(ckpt, checkpoint_dir, name, keep_last=0):
-    """Saves atomically, then points `latest` at it, then prunes to the `keep_last` newest step
-    checkpoints: a crash at any moment leaves `latest` naming a complete file."""
-    save_atomic(ckpt, checkpoint_dir / name)
-    pointer = checkpoint_dir / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, checkpoint_dir / "latest")
-    if keep_last > 0:
-        by_step = sorted(checkpoint_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in by_step[:-keep_last]:
-            old.unlink()
 
 
 def add_training_flags(p, models, default_model):
