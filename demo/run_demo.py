@@ -209,7 +209,7 @@ def train(out, data_dir, vae_dir, names, args, seed):
     exps = {name: out / "exps" / name for name in names}
 
     def steps_done():  # train.py appends a line per step to losses.jsonl, every --log-every steps
-        return sum(sum(1 for _ in open(exp / "losses.jsonl")) for exp in exps.values()
+        return sum(len((exp / "losses.jsonl").read_text().splitlines()) for exp in exps.values()
                    if (exp / "losses.jsonl").is_file())
 
     run_side_by_side({name: ("SiT-SRA/train.py", train_flags(out, data_dir, vae_dir, name, args, seed))
