@@ -182,7 +182,7 @@ def fill_unset_flags(args, saved_args, released_defaults):
     generate.py's default. Returns args."""
     for name, default in released_defaults.items():
         if getattr(args, name) is None:
-            value = getattr(saved_args, name, None) if isinstance(saved_args, argparse.Namespace) else None
+            value = getattr(saved_args, name, None)
             setattr(args, name, default if value is None else value)
     return args
 
@@ -191,14 +191,16 @@ def read_checkpoint(args, released_defaults):
     """Loads --ckpt and fills the unset flags from it (`fill_unset_flags`). Returns its Weights; the rest of the
     checkpoint (the training weights, the optimizer) is not kept."""
     checkpoint = load_checkpoint(args.ckpt, "--ckpt")
-    fill_unset_flags(args, checkpoint.get("args") if isinstance(checkpoint, dict) else None, released_defaults)
-    return Weights(model_state_dict(checkpoint), trained_with(checkpoint))
-
-
-def trained_with(checkpoint):
-    """' (the checkpoint was trained with --model ...)' from a training checkpoint's args, or ''."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, argparse.Namespace):
+    saved = saved if isinstance(saved, argparse.Namespace) else None
+    fill_unset_flags(args, saved, released_defaults)
+    return Weights(model_state_dict(checkpoint), trained_with(saved))
+
+
+def trained_with(saved):
+    """' (the checkpoint was trained with --model ...)' from a training checkpoint's args (an argparse.Namespace), or
+    '' (None: a bare state dict)."""
+    if saved is None:
         return ""
     flags = [f"--{name.replace('_', '-')} {getattr(saved, name)}" for name in ("model", "resolution", "num_classes")
              if hasattr(saved, name)]
@@ -230,7 +232,8 @@ def build_model(args, factories, device, weights):
 
 
 def prepare(args, procs, factories, folder, weights):
-    """Every check that can fail, before any sampling: checkpoint, architecture, VAE, writable output folder.
+    """Every check that can fail, before any sampling: the architecture against the weights, VAE, writable output
+    folder.
 
     Returns (model, vae). A failure on any process stops all of them with a UserError.
     """
