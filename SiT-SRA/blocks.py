@@ -306,9 +306,11 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                  Model sizes                                  #
 #################################################################################
 
-# name -> (depth, width, heads). T (DeiT-Ti width at half depth) is beyond the papers, for CPU demos and tests.
-SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 192, 3)}
-PATCHES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), "T": (1, 2)}
+# name -> (depth, width, heads). Ti (DeiT-Ti: the depth of B and S at a quarter of B's width) and T (Ti at half
+# depth) are beyond the papers, for CPU demos and tests.
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "Ti": (12, 192, 3),
+         "T": (6, 192, 3)}
+PATCHES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), "Ti": (1, 2), "T": (1, 2)}
 
 
 def registry(model_class, family):

@@ -59,6 +59,11 @@ def linear_probe(features, labels, seed=0):
     return float(classifier.score(scaler.transform(features[test]), labels[test]))
 
 
+def model_depth(name):
+    """The number of blocks of the SiT config `name` (e.g. "SiT-T/1" -> 6)."""
+    return SiT_models[name].keywords["depth"]
+
+
 def probe(model, latents, labels, times, seed=0):
     """{"times": [...], "accuracy": [[block 1, ..., block depth] per time]} for scaled latents (N, C, h, w)
     (what the SiT sees) and their labels (N,). The noise is drawn from `seed`, the same for every model."""

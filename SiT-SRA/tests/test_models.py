@@ -8,7 +8,8 @@ from conftest import FAMILY, MODEL_CLASS, MODELS
 
 from utils import UserError, load_checkpoint, load_weights, model_state_dict
 
-CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 192, 3)}
+CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "Ti": (12, 192, 3),
+           "T": (6, 192, 3)}
 C_OUT = {"SiT": 4, "DiT": 8}[FAMILY]  # SiT: velocity; DiT: epsilon and the variance interpolation
 S2 = f"{FAMILY}-S/2"
 

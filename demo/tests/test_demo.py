@@ -200,7 +200,8 @@ def test_the_seeds_table_says_when_a_difference_exceeds_the_spread():
 
 def test_budgets_fill_what_the_flags_leave_out():
     args = run_demo.parse_args(["--budget", "long", "--train-steps", "7"])
-    assert (args.model, args.depth, args.block_out_s, args.block_out_t) == ("SiT-S/2", 12, 4, 8)
+    assert (args.model, args.block_out_s, args.block_out_t) == ("SiT-Ti/1", 4, 8)
+    assert probe.model_depth(args.model) == 12 and probe.model_depth(run_demo.parse_args([]).model) == 6
     assert args.train_steps == 7 and args.batch_size == run_demo.BUDGETS["long"]["batch_size"]
     assert run_demo.parse_args([]).model == "SiT-T/1"
 
