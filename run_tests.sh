@@ -2,7 +2,9 @@
 # Sets up the environment (once) and runs the whole test suite: ruff, then pytest for each tree,
 # then the project's own tests (tests/: the shared files are identical copies).
 # Each tree runs in its own pytest process, because SiT-SRA/ and DiT-SRA/ both have a models.py,
-# train.py, ... and one interpreter can import only one of each.
+# train.py, ... and one interpreter can import only one of each. Within a tree, pytest-xdist runs one
+# test module per worker (--dist loadscope: a module's fixtures are built once), a worker per CPU core;
+# SRA_TEST_WORKERS=N sets the number (0: no workers, every test in the one process).
 #   bash run_tests.sh            # everything
 #   bash run_tests.sh SiT-SRA    # one tree
 #   bash run_tests.sh .          # the project's tests
@@ -19,7 +21,8 @@ status=0
 for tree in "${trees[@]}"; do
   [ -d "$tree/tests" ] || continue
   echo "=== $tree"
-  (cd "$tree" && python -m pytest -q -p no:cacheprovider --junitxml="$reports/${tree/#./project}.xml" tests) || status=1
+  (cd "$tree" && python -m pytest -q -p no:cacheprovider -n "${SRA_TEST_WORKERS:-auto}" --dist loadscope \
+     --junitxml="$reports/${tree/#./project}.xml" tests) || status=1
 done
 python - "$reports" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET

@@ -100,10 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--sampling-steps", type=positive_int, help=f"Euler-Maruyama (SDE) steps per sample {budget}")
     p.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance of the samples {budget}")
     p.add_argument("--classifier-epochs", type=positive_int, help=f"epochs of the scoring classifier {budget}")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="CPU threads per process (OMP_NUM_THREADS). With 1 the time stays predictable when other "
-                        "processes share the cores, where waiting OpenMP threads make these small models' steps many "
-                        "times slower; on an otherwise idle machine try 2")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads per process (OMP_NUM_THREADS); by default the cores divided among the processes "
+                        "that run at once, at most 2 (SRA alone: 2 on two cores; --compare: 1 per run). On cores "
+                        "shared with other jobs use 1: there, waiting OpenMP threads make these small models' steps "
+                        "many times slower")
     args = p.parse_args(argv)
     for key, value in BUDGETS[args.budget].items():
         if getattr(args, key, None) is None:
@@ -121,23 +122,33 @@ def command_line(script, flags):
     return f"python {script} {' '.join(map(str, flags))}"
 
 
-def run(script, *flags):
+def threads_per_process(args, processes):
+    """--threads, or the cores this process may use divided among `processes` running at once, at most 2
+    (beyond 2 these small models were not measured to gain)."""
+    return args.threads or max(1, min(2, len(os.sched_getaffinity(0)) // processes))
+
+
+def script_env(threads):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+
+def run(script, *flags, threads=1):
     """Runs one of the project's scripts as a user would, from the repository root; its progress bars show."""
     print(f"\n$ {command_line(script, flags)}", flush=True)
-    if subprocess.run([PYTHON, str(REPO / script), *map(str, flags)], cwd=REPO).returncode != 0:
+    if subprocess.run([PYTHON, str(REPO / script), *map(str, flags)], cwd=REPO, env=script_env(threads)).returncode:
         sys.exit(f"error: python {script} failed (its message is above); the demo stops here")
 
 
-def run_side_by_side(jobs, logs, unit, total, done):
-    """Runs jobs {name: (script, flags)} at once, one process each, with the output of each in logs[name].
-    A progress bar counts `unit`s up to `total`, polling done() (the sum over the jobs); a failure stops
-    the demo with the end of that job's log."""
+def run_side_by_side(jobs, logs, unit, total, done, threads):
+    """Runs jobs {name: (script, flags)} at once, one process each on `threads` threads, with the output of each
+    in logs[name]. A progress bar counts `unit`s up to `total`, polling done() (the sum over the jobs); a failure
+    stops the demo with the end of that job's log."""
     processes = {}
     for name, (script, flags) in jobs.items():
         print(f"\n$ {command_line(script, flags)} > {logs[name]} 2>&1", flush=True)
         with open(logs[name], "w") as log:
             processes[name] = subprocess.Popen([PYTHON, str(REPO / script), *map(str, flags)], cwd=REPO,
-                                               stdout=log, stderr=subprocess.STDOUT)
+                                               env=script_env(threads), stdout=log, stderr=subprocess.STDOUT)
     with tqdm(total=total, desc=" + ".join(jobs), unit=unit) as progress:
         while any(process.poll() is None for process in processes.values()):
             time.sleep(2)
@@ -184,10 +195,10 @@ def prepare_vae(out, images, args, seed):
     return folder
 
 
-def encode(out, images_dir, vae_dir):
+def encode(out, images_dir, vae_dir, args):
     """Stage 3: the latents train.py reads, in DATA/vae-sd/; returns DATA."""
     run("preprocessing/dataset_tools.py", "encode", "--source", images_dir, "--dest", out / "data" / "vae-sd",
-        "--model-url", vae_dir, "--workers", 0)
+        "--model-url", vae_dir, "--workers", 0, threads=threads_per_process(args, 1))
     return out / "data"
 
 
@@ -214,7 +225,7 @@ def train(out, data_dir, vae_dir, names, args, seed):
 
     run_side_by_side({name: ("SiT-SRA/train.py", train_flags(out, data_dir, vae_dir, name, args, seed))
                       for name in names}, {name: out / "exps" / f"{name}.out" for name in names},
-                     "step", len(names) * args.train_steps, steps_done)
+                     "step", len(names) * args.train_steps, steps_done, threads_per_process(args, len(names)))
     return exps
 
 
@@ -231,7 +242,8 @@ def sample(out, checkpoints, vae_dir, args, seed):
         folder.mkdir(parents=True, exist_ok=True)
     run_side_by_side(jobs, {name: folder.with_suffix(".out") for name, folder in sample_dirs.items()}, "img",
                      len(jobs) * args.num_samples,
-                     lambda: sum(len(list(folder.glob("*/*.png"))) for folder in sample_dirs.values()))
+                     lambda: sum(len(list(folder.glob("*/*.png"))) for folder in sample_dirs.values()),
+                     threads_per_process(args, len(jobs)))
     return {name: next(folder.glob("*.npz")) for name, folder in sample_dirs.items()}
 
 
@@ -248,7 +260,8 @@ def pca(out, checkpoint, vae_dir, digit_png, name, args):
     save_path = out / f"pca-{name}.png"
     run("pca-vis/main_pca.py", "--ckpt", checkpoint, "--model", args.model, "--resolution", args.resolution,
         "--vae", vae_dir, "--num-classes", NUM_CLASSES, "--label_id", PCA_DIGIT, "--img_path", digit_png,
-        "--layers", *range(1, probe.model_depth(args.model) + 1), "--times", *sorted(args.times, reverse=True), "--save_path", save_path)
+        "--layers", *range(1, probe.model_depth(args.model) + 1), "--times", *sorted(args.times, reverse=True),
+        "--save_path", save_path, threads=threads_per_process(args, 1))
     return save_path
 
 
@@ -270,8 +283,7 @@ def probe_runs(checkpoints, vae_dir, held_images, held_labels, args, seed):
 # ---------------------------------------------------------------------------------------------- the demo
 
 def main(args):
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the scripts run below
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads_per_process(args, 1))  # the stages run in this process: VAE, probe, scoring
     out = args.out.resolve()
     clear_outputs(out)
     if len(args.seeds) == 1:
@@ -301,7 +313,7 @@ def run_seed(out, seed, args):
     images, labels = digits.load_images(images_dir)
     held_images, held_labels = digits.load_images(held_dir)
     vae_dir = timed("vae", prepare_vae, out, images, args, seed)
-    data_dir = timed("encode", encode, out, images_dir, vae_dir)
+    data_dir = timed("encode", encode, out, images_dir, vae_dir, args)
 
     names = ["sra", "baseline"] if args.compare else ["baseline"] if args.no_sra else ["sra"]
     held_entries = json.loads((held_dir / "dataset.json").read_text())["labels"]

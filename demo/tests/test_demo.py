@@ -21,8 +21,9 @@ from conftest import TREE
 
 SAMPLES = 20
 TIMES = [0.3, 0.7]
+# One thread per process: the other tests share the cores (pytest-xdist)
 TINY_BUDGET = ["--vae-steps", "20", "--train-steps", "10", "--batch-size", "16", "--num-samples", str(SAMPLES),
-               "--sampling-steps", "3", "--classifier-epochs", "1", "--times", *map(str, TIMES)]
+               "--sampling-steps", "3", "--classifier-epochs", "1", "--times", *map(str, TIMES), "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +205,13 @@ def test_budgets_fill_what_the_flags_leave_out():
     assert probe.model_depth(args.model) == 12 and probe.model_depth(run_demo.parse_args([]).model) == 6
     assert args.train_steps == 7 and args.batch_size == run_demo.BUDGETS["long"]["batch_size"]
     assert run_demo.parse_args([]).model == "SiT-T/1"
+
+
+@pytest.mark.parametrize("cores, processes, threads", [(2, 1, 2), (2, 2, 1), (1, 1, 1), (1, 2, 1), (16, 2, 2)])
+def test_threads_share_the_cores_among_the_processes_at_most_two_each(monkeypatch, cores, processes, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert run_demo.threads_per_process(run_demo.parse_args([]), processes) == threads
+    assert run_demo.threads_per_process(run_demo.parse_args(["--threads", "3"]), processes) == 3
 
 
 @pytest.mark.parametrize("flags, message", [(["--seeds", "0", "1", "0"], "a seed is repeated"),
