@@ -201,7 +201,7 @@ def add_training_flags(p, models, default_model):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
-    p.add_argument("--ema-decay", type=float, default=0.9999,
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
@@ -347,8 +347,7 @@ class Trainer:
         self.exp_dir, self.checkpoint_dir = exp_dir, exp_dir / "checkpoints"
         self.logger = logging.getLogger("train")
         self.loader, self.sampler, self.num_items = latent_loader(args, accelerator)
-        global_batch = args.batch_size * accelerator.num_processes
-        self.steps_per_epoch = self.num_items // global_batch // args.gradient_accumulation_steps
+        self.steps_per_epoch = self.num_items // self.sampler.global_batch // args.gradient_accumulation_steps
         self.steps, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_log = LossLog(accelerator, exp_dir / "losses.jsonl", args.skip_nonfinite)
         ckpt = self.resume(model, optimizer) if args.resume_ckpt else None
