@@ -55,7 +55,8 @@ def add_common_flags(p, models, released_defaults, precision_note):
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)")
+                   help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact); cuDNN convolutions keep "
+                        "PyTorch's default (TF32 on), as released")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help=f"autocast dtype of the model calls; {precision_note}")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
@@ -139,10 +140,9 @@ def init_processes(local_rank_flag=None):
 
 
 def run_on_processes(generate, args, weights):
-    """generate(args, procs, weights) on this process, with TF32 as --tf32 says, in the torchrun process group if there
-    is one (left however it ends)."""
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    """generate(args, procs, weights) on this process, with TF32 matmuls as --tf32 says, in the torchrun process group
+    if there is one (left however it ends)."""
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # cuDNN keeps PyTorch's default (TF32 on), as released
     procs = init_processes(args.local_rank)
     try:
         generate(args, procs, weights)

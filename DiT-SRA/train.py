@@ -23,6 +23,8 @@ ALIGN_BASE_WEIGHT = 0.4  # DiT's alignment weight before its decay (alignment.al
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_flags(p, DiT_models, "DiT-XL/2")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 matmuls on Ampere+ GPUs (default off, as the released DiT train.py)")
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="sml1")
     return p.parse_args(argv)
 

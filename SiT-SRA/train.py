@@ -27,6 +27,8 @@ ALIGN_BASE_WEIGHT = 2.0  # SiT's alignment weight before its decay (alignment.al
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_flags(p, SiT_models, "SiT-XL/2")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere+ GPUs (default on, as the released SiT train.py)")
     p.add_argument("--sample-steps", type=non_negative_int, default=100_000,
                    help="sample a 64-image grid every N steps (0: never)")
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder (for sample grids)")

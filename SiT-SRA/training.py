@@ -216,13 +216,13 @@ def add_training_flags(p, models, default_model):
 
 
 def start_run(args, folders=("checkpoints",)):
-    """TF32, the accelerator, writable experiment folders, log file and seed of a run.
+    """TF32 (--tf32), the accelerator, writable experiment folders, log file and seed of a run.
 
     Returns (accelerator, exp_dir); `folders` are created inside output-dir/exp-name.
     """
-    # TF32 matmuls and convolutions on Ampere and newer GPUs, as the released train.py (no effect on CPUs)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # TF32 matmuls on Ampere and newer GPUs as --tf32 says (no effect on CPUs). cuDNN's convolutions keep PyTorch's
+    # default, TF32 on, as in both released train.py (SiT's sets it, DiT's leaves the default).
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     exp_dir = Path(args.output_dir) / args.exp_name
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
