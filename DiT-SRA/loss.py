@@ -6,7 +6,7 @@ t_teacher = clamp(t - k, 1, 999), k ~ U{0, ..., 1000 t_max - 1}, built from the 
 """
 import torch
 
-from alignment import alignment, check_loss_type
+from alignment import alignment, check_loss_type, teacher_features
 
 
 class SRALoss:
@@ -14,12 +14,13 @@ class SRALoss:
 
     diffusion: the 1000-step training diffusion (create_diffusion("")). teacher: the EMA model,
     whose `features` up to block `block_out_t` are the targets, or None for the no-SRA baseline
-    (alignment 0, no teacher forward).
+    (alignment 0, no teacher forward). teacher_fp32: run it in float32 outside the caller's autocast, as
+    the released code did (`alignment.teacher_features`).
     Random draws, all on x0's device, in this order: t, noise, t_teacher, class dropout.
     """
 
     def __init__(self, diffusion, block_out_s=8, block_out_t=16, t_max=0.2, loss_type="sml1", cfg_prob=0.1,
-                 num_classes=1000, teacher=None):
+                 num_classes=1000, teacher=None, teacher_fp32=False):
         check_loss_type(loss_type)
         self.diffusion = diffusion
         self.block_out_s = block_out_s
@@ -29,6 +30,7 @@ class SRALoss:
         self.cfg_prob = cfg_prob
         self.num_classes = num_classes
         self.teacher = teacher
+        self.teacher_fp32 = teacher_fp32
 
     def __call__(self, model, x0, y):
         n, device = x0.shape[0], x0.device
@@ -47,6 +49,6 @@ class SRALoss:
         output, h_student = model(x_t, t, y, align_depth=self.block_out_s)
         with torch.no_grad():
             x_teacher = self.diffusion.q_sample(x0, t_teacher, noise=noise)
-            h_teacher = self.teacher.features(x_teacher, t_teacher, y, depth=self.block_out_t)
+        h_teacher = teacher_features(self.teacher, x_teacher, t_teacher, y, self.block_out_t, self.teacher_fp32)
         terms = self.diffusion.training_losses_from_output(output, x0, x_t, t, noise)
         return terms["loss"], alignment(h_student, h_teacher, self.loss_type)

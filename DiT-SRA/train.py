@@ -36,7 +36,8 @@ def main(args):
     loss_fn = SRALoss(create_diffusion(timestep_respacing=""), block_out_s=args.block_out_s,
                       block_out_t=args.block_out_t, t_max=args.t_max, loss_type=args.loss_type,
                       cfg_prob=args.cfg_prob, num_classes=args.num_classes,
-                      teacher=None if args.no_sra else trainer.ema.model)
+                      teacher=None if args.no_sra else trainer.ema.model,
+                      teacher_fp32=args.teacher_fp32)
     trainer.run(loss_fn, ALIGN_BASE_WEIGHT)
 
 

@@ -2,6 +2,9 @@
 
 This file is identical in SiT-SRA/ and DiT-SRA/ (a test checks it), so each tree runs alone.
 """
+import contextlib
+
+import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sml1", "l2", "l1", "cos")
@@ -26,6 +29,15 @@ def alignment(h_student, h_teacher, loss_type):
         return F.l1_loss(h_student, h_teacher)
     check_loss_type(loss_type)
     return 1 - F.cosine_similarity(h_student, h_teacher)
+
+
+def teacher_features(teacher, x, t, y, depth, fp32=False):
+    """The teacher's block-`depth` tokens (N, T, D) for x (N, C, H, W), times t (N,) and labels y (N,), without
+    gradient. fp32: computed in float32 outside any autocast, as the released code ran its EMA teacher; otherwise
+    under the caller's autocast (faster, rounded to its dtype)."""
+    precision = torch.autocast(x.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+    with torch.no_grad(), precision:
+        return teacher.features(x, t, y, depth=depth)
 
 
 def align_weight(loss_type, epoch, resolution, base):

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from alignment import alignment, check_loss_type
+from alignment import alignment, check_loss_type, teacher_features
 from path import PATH_TYPES, interpolant
 
 
@@ -21,7 +21,8 @@ class SRALoss:
     """loss_fn(model, x0, y) -> (denoising (N,), alignment as `alignment.alignment` returns it).
 
     teacher: the EMA model, whose `features` up to block `block_out_t` are the targets, or None for
-    the no-SRA baseline (alignment 0, no teacher forward).
+    the no-SRA baseline (alignment 0, no teacher forward). teacher_fp32: run it in float32 outside the
+    caller's autocast, as the released code did (`alignment.teacher_features`).
 
     Random draws, in this order (same seed, same losses as the released code; docs/training.md):
     t and t_teacher on the CPU default generator, then the noise and the class dropout on x0's device.
@@ -29,7 +30,8 @@ class SRALoss:
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", block_out_s=8, block_out_t=20,
-                 t_max=0.2, loss_type="cos", cfg_prob=0.1, num_classes=1000, teacher=None):
+                 t_max=0.2, loss_type="cos", cfg_prob=0.1, num_classes=1000, teacher=None,
+                 teacher_fp32=False):
         if prediction != "v":
             raise ValueError(f"prediction {prediction!r} is not supported: SiT-SRA predicts the velocity 'v'")
         if weighting not in ("uniform", "lognormal"):
@@ -46,6 +48,7 @@ class SRALoss:
         self.cfg_prob = cfg_prob
         self.num_classes = num_classes
         self.teacher = teacher
+        self.teacher_fp32 = teacher_fp32
 
     def sample_times(self, batch_size):
         """Student and teacher times (N, 1, 1, 1) on the CPU; the teacher's are never noisier."""
@@ -77,7 +80,6 @@ class SRALoss:
             prediction = model(x_t, t.flatten(), y)
             return mean_flat((prediction - target) ** 2), torch.zeros((), device=x0.device)
         prediction, h_student = model(x_t, t.flatten(), y, align_depth=self.block_out_s)
-        with torch.no_grad():
-            h_teacher = self.teacher.features(x_teacher, t_teacher.flatten(), y, depth=self.block_out_t)
+        h_teacher = teacher_features(self.teacher, x_teacher, t_teacher.flatten(), y, self.block_out_t, self.teacher_fp32)
         denoising = mean_flat((prediction - target) ** 2)
         return denoising, alignment(h_student, h_teacher, self.loss_type)

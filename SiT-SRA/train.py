@@ -75,7 +75,8 @@ def main(args):
     loss_fn = SRALoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
                       block_out_s=args.block_out_s, block_out_t=args.block_out_t, t_max=args.t_max,
                       loss_type=args.loss_type, cfg_prob=args.cfg_prob, num_classes=args.num_classes,
-                      teacher=None if args.no_sra else trainer.ema.model)
+                      teacher=None if args.no_sra else trainer.ema.model,
+                      teacher_fp32=args.teacher_fp32)
     grid = SampleGrid(args, accelerator, trainer.ema.model, exp_dir / "samples") if args.sample_steps > 0 else None
     trainer.run(loss_fn, ALIGN_BASE_WEIGHT, after_step=grid)
 

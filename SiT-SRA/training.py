@@ -213,6 +213,9 @@ def add_training_flags(p, models, default_model):
     p.add_argument("--block-out-t", type=int, default=8, help="EMA-teacher block giving the target features")
     p.add_argument("--t-max", type=float, default=0.2, help="largest time gap between student and teacher")
     p.add_argument("--no-sra", action="store_true", help="baseline: no alignment loss, no teacher forward")
+    p.add_argument("--teacher-fp32", action="store_true",
+                   help="run the EMA teacher in float32 outside autocast, as the released code (slower with "
+                        "--mixed-precision; default: under the student's autocast)")
 
 
 def start_run(args, folders=("checkpoints",)):

@@ -129,3 +129,34 @@ def test_unknown_options_are_errors():
         SRALoss(path_type="vp")
     with pytest.raises(ValueError, match="prediction"):
         SRALoss(prediction="noise")
+
+
+class RecordingTeacher:
+    """The real teacher, keeping each `features` call's inputs and output (the targets the loss aligns to)."""
+
+    def __init__(self, teacher):
+        self.teacher, self.calls = teacher, []
+
+    def features(self, *args, **kwargs):
+        out = self.teacher.features(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+@pytest.mark.parametrize("teacher_fp32", [True, False])
+def test_teacher_fp32_runs_the_teacher_in_float32_outside_the_students_autocast(teacher_fp32):
+    model, teacher = student_and_teacher()
+    recording = RecordingTeacher(teacher)
+    x0, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+    loss_fn = SRALoss(block_out_s=1, block_out_t=3, num_classes=10, teacher=recording, teacher_fp32=teacher_fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(model, x0, y)
+    [(args, kwargs, features)] = recording.calls
+    with torch.no_grad():  # the same inputs in plain float32, outside any autocast
+        float32 = teacher.features(*args, **kwargs)
+    assert args[0].dtype == torch.float32 and float32.dtype == torch.float32
+    if teacher_fp32:
+        assert features.dtype == torch.float32 and torch.equal(features, float32)
+    else:  # under the student's bfloat16 autocast: the same features, with bfloat16 rounding inside the blocks
+        assert not torch.equal(features, float32)
+        torch.testing.assert_close(features.float(), float32, rtol=0.05, atol=0.05)

@@ -180,3 +180,17 @@ def test_tf32_matmuls_follow_the_flag_and_cudnn_keeps_its_setting(tmp_path, late
             "print('tf32', torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)")
     result = run_script("-c", code, *train_args(tmp_path, latent_data_dir, "--max-train-steps", "1", *flag)[1:])
     assert f"tf32 {expected} False" in result.stdout
+
+
+def test_teacher_fp32_reaches_the_loss(tmp_path, latent_data_dir):
+    """Under bf16 autocast, --teacher-fp32 changes only the teacher's rounding: the first step's alignment loss moves a
+    little, its denoising loss (the same draws, the same student) not at all. (test_loss.py checks the teacher's
+    features themselves.)"""
+    first = {}
+    for name, flags in (("autocast", []), ("fp32", ["--teacher-fp32"])):
+        run_script(*train_args(tmp_path / name, latent_data_dir, "--max-train-steps", "1", "--mixed-precision", "bf16",
+                               *flags))
+        first[name] = json.loads(loss_log(tmp_path / name).splitlines()[0])
+    assert first["fp32"]["loss"] == first["autocast"]["loss"]
+    assert first["fp32"]["align_loss"] != first["autocast"]["align_loss"]
+    assert first["fp32"]["align_loss"] == pytest.approx(first["autocast"]["align_loss"], rel=0.05)
