@@ -2,14 +2,14 @@
 # Samples 50,000 images from a DiT-XL/2 + SRA checkpoint for FID with the released settings (250 respaced DDPM steps,
 # no guidance) and writes SAMPLE_DIR/<settings>.npz for the ADM evaluation suite. Every variable below can be set
 # from the environment:
-#   CKPT=exps/ditxl-ab816-t0.2-res256/checkpoints/epoch-800.pt SAMPLE_DIR=samples NUM_GPUS=8 bash gen.sh
+#   CKPT=exps/ditxl-ab816-t0.2-res256/checkpoints/epoch-799.pt SAMPLE_DIR=samples NUM_GPUS=8 bash gen.sh
 #   CFG_SCALE=1.5 NUM_GPUS=1 bash gen.sh
 # An interrupted run resumes where it stopped when started again with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 NUM_GPUS=${NUM_GPUS:-8}
-CKPT=${CKPT:-exps/ditxl-ab816-t0.2-res256/checkpoints/epoch-800.pt}
+CKPT=${CKPT:-exps/ditxl-ab816-t0.2-res256/checkpoints/epoch-799.pt}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
 RESOLUTION=${RESOLUTION:-256}
 MODEL=${MODEL:-DiT-XL/2}

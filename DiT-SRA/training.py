@@ -30,24 +30,27 @@ EMA_DECAY = 0.9999
 
 class EpochBatchSampler(Sampler):
     """This process's batches of one epoch: a permutation seeded by (seed, epoch), cut into global
-    batches (the last partial one dropped), of which this process takes its slice. `set_epoch`
-    can start inside an epoch, which is how a resumed run continues at the exact batch."""
+    batches (the last partial one dropped), of which this process takes its slice. With gradient
+    accumulation, an epoch holds whole optimizer steps of `accumulation` batches (the batches left
+    over are dropped too), so a step never mixes two epochs. `set_epoch` can start inside an epoch,
+    which is how a resumed run continues at the exact batch."""
 
-    def __init__(self, num_items, batch_size, rank, world_size, seed):
+    def __init__(self, num_items, batch_size, rank, world_size, seed, accumulation=1):
         self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
             num_items, batch_size, rank, world_size, seed)
         self.global_batch = batch_size * world_size
+        self.batches_per_epoch = num_items // self.global_batch // accumulation * accumulation
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self):
-        return self.num_items // self.global_batch - self.start_batch
+        return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        for b in range(self.start_batch, self.num_items // self.global_batch):
+        for b in range(self.start_batch, self.batches_per_epoch):
             start = b * self.global_batch + self.rank * self.batch_size
             yield order[start:start + self.batch_size].tolist()
 
@@ -329,7 +332,7 @@ def latent_loader(args, accelerator):
         raise UserError(f"--data-dir {args.data_dir}: {len(dataset)} items, fewer than one global batch of "
                         f"{global_batch * args.gradient_accumulation_steps}")
     sampler = EpochBatchSampler(len(dataset), args.batch_size, accelerator.process_index, accelerator.num_processes,
-                                args.seed)
+                                args.seed, args.gradient_accumulation_steps)
     # The loader's own generator keeps its worker seeds from drawing on the global RNG, which a
     # resumed run restores exactly.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -350,7 +353,7 @@ class Trainer:
         self.exp_dir, self.checkpoint_dir = exp_dir, exp_dir / "checkpoints"
         self.logger = logging.getLogger("train")
         self.loader, self.sampler, self.num_items = latent_loader(args, accelerator)
-        self.steps_per_epoch = self.num_items // self.sampler.global_batch // args.gradient_accumulation_steps
+        self.steps_per_epoch = self.sampler.batches_per_epoch // args.gradient_accumulation_steps
         self.steps, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_log = LossLog(accelerator, exp_dir / "losses.jsonl", args.skip_nonfinite)
         ckpt = self.resume(model, optimizer) if args.resume_ckpt else None
@@ -380,6 +383,8 @@ class Trainer:
                              f"continuing at step {self.steps} from the start of epoch {self.epoch}, not "
                              "bit-identical to an uninterrupted run")
         self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
+        if self.batch_in_epoch >= self.sampler.batches_per_epoch:  # an epoch checkpoint: that epoch is done
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.loss_log.nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)
         if "rng" in ckpt and len(ckpt["rng"]) != self.accelerator.num_processes:
             raise UserError(f"--resume-ckpt {path} was written by {len(ckpt['rng'])} processes; resume with "
@@ -387,20 +392,30 @@ class Trainer:
         self.logger.info(f"resumed from {path} at step {self.steps} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return ckpt
 
-    def checkpoint_state(self, rngs):
-        """What a checkpoint holds (docs/training.md): the released keys, then what an exact resume needs."""
+    def step_position(self):
+        """(epoch, batch_in_epoch) of a step checkpoint: where the next batch comes from, so at an epoch's end the
+        next epoch's start, the epoch the released code's step checkpoints record there too."""
+        if self.batch_in_epoch == self.sampler.batches_per_epoch:
+            return self.epoch + 1, 0
+        return self.epoch, self.batch_in_epoch
+
+    def checkpoint_state(self, rngs, position):
+        """What a checkpoint holds (docs/checkpoints.md): the released keys, then what an exact resume needs."""
         scaler = self.accelerator.scaler
+        epoch, batch_in_epoch = position
         return {"model": self.raw_model.state_dict(), "ema": self.ema.model.state_dict(),
-                "opt": self.optimizer.state_dict(), "args": self.args, "epoch": self.epoch, "steps": self.steps,
-                "batch_in_epoch": self.batch_in_epoch, "nonfinite_skipped": self.loss_log.nonfinite_skipped,
+                "opt": self.optimizer.state_dict(), "args": self.args, "epoch": epoch, "steps": self.steps,
+                "batch_in_epoch": batch_in_epoch, "nonfinite_skipped": self.loss_log.nonfinite_skipped,
                 "rng": rngs, "scaler": scaler.state_dict() if scaler is not None else None}
 
-    def save(self, name, keep_last=0):
-        """Flushes the loss log, then writes checkpoints/name with every process's RNG state."""
+    def save(self, name, keep_last=0, position=None):
+        """Flushes the loss log, then writes checkpoints/name with every process's RNG state; `position`
+        (epoch, batch_in_epoch) defaults to `step_position`."""
         self.loss_log.flush()
         rngs = gather_object([rng_state()])
         if self.accelerator.is_main_process:
-            write_checkpoint(self.checkpoint_state(rngs), self.checkpoint_dir, name, keep_last)
+            state = self.checkpoint_state(rngs, position or self.step_position())
+            write_checkpoint(state, self.checkpoint_dir, name, keep_last)
             self.logger.info(f"saved checkpoint {self.checkpoint_dir / name}")
         self.accelerator.wait_for_everyone()
 
@@ -442,9 +457,12 @@ class Trainer:
         self.logger.info(f"done: {self.steps} steps, checkpoints in {self.checkpoint_dir}")
 
     def run_epoch(self, loss_fn, align_w, max_steps, stop, after_step):
-        """Steps through the rest of this epoch; returns "stopped", "finished", or None at its end."""
+        """Steps through the rest of this epoch; returns "stopped", "finished", or None at its end. An epoch that
+        ends writes epoch-E.pt every --checkpoint-epochs epochs, named and recorded as released: E is the 0-based
+        epoch just done (epoch-199.pt after 200 epochs)."""
         args, accelerator = self.args, self.accelerator
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        outcome = None
         for moments, labels in self.loader:
             moments = moments.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
@@ -465,8 +483,10 @@ class Trainer:
             if finished or stopping or self.steps % args.checkpoint_steps == 0:
                 self.save(f"step-{self.steps}.pt", args.keep_last)
             if stopping or finished:
-                return "stopped" if stopping else "finished"
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        if self.epoch % args.checkpoint_epochs == 0:
-            self.save(f"epoch-{self.epoch}.pt")
-        return None
+                outcome = "stopped" if stopping else "finished"
+                break
+        if self.batch_in_epoch == self.sampler.batches_per_epoch:
+            if (self.epoch + 1) % args.checkpoint_epochs == 0:
+                self.save(f"epoch-{self.epoch}.pt", position=(self.epoch, self.batch_in_epoch))
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return outcome

@@ -1,5 +1,7 @@
-"""train.py's checkpoints and resuming: 2 processes, exact resume after SIGKILL / SIGTERM, crash-safe saves,
-pruning, and a checkpoint of the released code. Apart from test_train.py so that the two files run in parallel."""
+"""train.py's checkpoints and resuming: 2 processes, exact resume after SIGKILL / SIGTERM, with gradient accumulation
+and with fp16's GradScaler, crash-safe saves, pruning, checkpoint names and epochs as the released code writes them,
+and a checkpoint of the released code. Apart from test_train.py so that the two files run in parallel."""
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +26,7 @@ def assert_same_state(a, b):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"optimizer {k} differs"
     assert (a["steps"], a["epoch"], a["batch_in_epoch"]) == (b["steps"], b["epoch"], b["batch_in_epoch"])
+    assert a["scaler"] == b["scaler"]
 
 
 DIST_ENV = {"ACCELERATE_USE_CPU": "true"}
@@ -153,3 +156,95 @@ def test_a_checkpoint_of_the_released_code_resumes(tmp_path, latent_data_dir):
     saved = load_checkpoint(released)["opt"]["state"]
     assert saved and all(last["opt"]["state"][i]["step"].item() == 3 + 2 for i in saved)  # the file's moments went on
     assert last["opt"]["param_groups"][0]["fused"] is True
+
+
+# accelerate makes no GradScaler on a CPU (there its fp16 silently runs in float32). This gives the accelerator, after
+# start_run, the GradScaler it makes on a GPU, for the CPU, and turns its autocast on, so that train.py runs the fp16
+# path for real: autocast to float16, the scaled backward, unscaling and clipping, GradScaler.step with the fused AdamW,
+# the scale's update, and the scaler's state in the checkpoint. growth_interval=2 lets the scale move within a few
+# steps (it doubles after every 2 steps with finite gradients).
+FP16_ON_CPU = """import sys, torch, train
+start_run = train.start_run
+def start_run_with_grad_scaler(args, **kwargs):
+    accelerator, exp_dir = start_run(args, **kwargs)
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", growth_interval=2), True
+    return accelerator, exp_dir
+train.start_run = start_run_with_grad_scaler
+train.main(train.parse_args(sys.argv[1:]))
+"""
+
+
+def run_fp16(out, data, *extra):
+    return run_script("-c", FP16_ON_CPU, *train_args(out, data, "--mixed-precision", "fp16", *extra)[1:])
+
+
+def test_a_checkpoint_of_the_released_code_resumes_under_fp16(tmp_path, latent_data_dir):
+    released = tmp_path / "released.pt"
+    released_checkpoint(released, steps=3, epoch=2)
+    run_fp16(tmp_path, latent_data_dir, "--resume-ckpt", str(released), "--max-train-steps", "7")
+    last = checkpoint(tmp_path, "step-7.pt")
+    assert (last["steps"], last["epoch"], last["batch_in_epoch"]) == (7, 2, 4)
+    saved = load_checkpoint(released)
+    assert all(last["opt"]["state"][i]["step"].item() == 3 + 4 for i in saved["opt"]["state"])
+    assert last["opt"]["param_groups"][0]["fused"] is True
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert any(not torch.equal(last["model"][k], saved["model"][k]) for k in saved["model"])
+    # The released file holds no scaler: a fresh one (scale 2**16) doubled after steps 2 and 4 of the 4 it ran.
+    assert last["scaler"]["scale"] == 2.0 ** 16 * 4 and last["scaler"]["_growth_tracker"] == 0
+
+
+def test_fp16_run_resumes_exactly_with_its_grad_scaler(tmp_path, latent_data_dir):
+    """Stopped at step 3, between two growths of the scale: a resume that started a fresh scaler would end with
+    another scale (and another growth count) than the uninterrupted run."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_fp16(full, latent_data_dir, "--max-train-steps", "5")
+    run_fp16(split, latent_data_dir, "--max-train-steps", "3")
+    run_fp16(split, latent_data_dir, "--max-train-steps", "5", "--resume-ckpt", "latest")
+    a, b = checkpoint(full, "step-5.pt"), checkpoint(split, "step-5.pt")
+    assert a["scaler"]["scale"] == 2.0 ** 16 * 4 and a["scaler"]["_growth_tracker"] == 1
+    assert_same_state(a, b)
+    assert loss_log(full) == loss_log(split)
+
+
+def test_accumulated_steps_never_mix_epochs_and_resume_exactly(tmp_path, latent_data_dir):
+    """24 items in batches of 3 are 8 micro-batches an epoch; 3 a step make 2 steps, and the 2 micro-batches left over
+    are dropped: step 3 is epoch 1's first 3 batches (spilled over, it would be epoch 0's last 2 and epoch 1's first)."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    steps = ["--batch-size", "3", "--gradient-accumulation-steps", "3", "--checkpoint-steps", "1"]
+    run_script(*train_args(full, latent_data_dir, *steps, "--max-train-steps", "5"))
+    positions = [(c["epoch"], c["batch_in_epoch"]) for c in (checkpoint(full, f"step-{n}.pt") for n in range(1, 6))]
+    assert positions == [(0, 3), (1, 0), (1, 3), (2, 0), (2, 3)]
+    assert [json.loads(line)["epoch"] for line in loss_log(full).splitlines()] == [0, 0, 1, 1, 2]
+    run_script(*train_args(split, latent_data_dir, *steps, "--max-train-steps", "3"))
+    run_script(*train_args(split, latent_data_dir, *steps, "--max-train-steps", "5", "--resume-ckpt", "latest"))
+    assert_same_state(checkpoint(full, "step-5.pt"), checkpoint(split, "step-5.pt"))
+    assert loss_log(full) == loss_log(split)
+
+
+def released_files(steps_per_epoch, epochs, checkpoint_steps, checkpoint_epochs):
+    """{name: (epoch, steps)} of the checkpoints the released train.py's loop writes: its control flow, written out."""
+    files, steps = {}, 0
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            if steps % checkpoint_steps == 0 and steps > 0:  # at the top of the loop, before the batch's step
+                files[f"step-{steps}.pt"] = (epoch, steps)
+            steps += 1
+        if (epoch + 1) % checkpoint_epochs == 0:
+            files[f"epoch-{epoch}.pt"] = (epoch, steps)
+    return files
+
+
+def test_checkpoints_are_named_and_numbered_as_released_and_an_epoch_checkpoint_resumes(tmp_path, latent_data_dir):
+    """6 steps an epoch (24 items, batch 4), 3 epochs, a step checkpoint every 4 steps, an epoch one every 2 epochs:
+    step-12.pt falls on the end of epoch 1. Ours also saves the last step (step-18.pt), which the released code does
+    not. Resuming epoch-1.pt continues at epoch 2 (the released code would repeat epoch 1) without writing epoch-1.pt
+    again, onto the uninterrupted run."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    flags = ["--epochs", "3", "--checkpoint-steps", "4", "--checkpoint-epochs", "2"]
+    run_script(*train_args(full, latent_data_dir, *flags))
+    ours = {p.name: load_checkpoint(p) for p in (full / "exp" / "checkpoints").glob("*.pt")}
+    expected = {**released_files(6, 3, 4, 2), "step-18.pt": (3, 18)}
+    assert {name: (c["epoch"], c["steps"]) for name, c in ours.items()} == expected
+    run_script(*train_args(resumed, latent_data_dir, *flags, "--resume-ckpt", str(full / "exp/checkpoints/epoch-1.pt")))
+    assert sorted(p.name for p in (resumed / "exp" / "checkpoints").glob("*.pt")) == ["step-16.pt", "step-18.pt"]
+    assert_same_state(ours["step-18.pt"], checkpoint(resumed, "step-18.pt"))
