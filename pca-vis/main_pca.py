@@ -227,7 +227,8 @@ def compose_grid(pixels, maps, times, layers):
 
 def build_model(args, device):
     """The EMA model of --ckpt, in eval mode; tells SRA and original SiT checkpoints apart.
-    Checkpoints trained with --qk-norm are recognised by their q_norm weights."""
+    Checkpoints trained with --qk-norm are recognised by their q_norm weights. Fused attention only for --baseline,
+    as released."""
     ckpt = load_checkpoint(args.ckpt, "--ckpt")
     state = model_state_dict(ckpt)
     del ckpt  # frees the training weights and optimizer state of a training checkpoint
@@ -242,8 +243,11 @@ def build_model(args, device):
                             "pass --baseline")
     qk_norm = any(".attn.q_norm." in k for k in state)
     try:
+        # Attention as the released pca-vis computed it: its SRA model turned timm's fused kernel off, its original
+        # SiT model kept timm's default (fused). The same attention up to float rounding.
         model = SiT_models[args.model](input_size=args.resolution // 8, num_classes=args.num_classes,
-                                       class_dropout_prob=0.1, learn_sigma=args.baseline, qk_norm=qk_norm)
+                                       class_dropout_prob=0.1, learn_sigma=args.baseline, qk_norm=qk_norm,
+                                       fused_attn=args.baseline)
     except ValueError as e:
         raise UserError(f"--model {args.model} --resolution {args.resolution}: {e}") from None
     if args.baseline:  # original SiT has no SRA head; features() never uses it, so keep the fresh one

@@ -2,6 +2,7 @@
 inputs the script needs: a random local VAE, an SRA training checkpoint and an original-SiT checkpoint."""
 import argparse
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 TREE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TREE))
@@ -41,6 +43,56 @@ def tiny_sit(learn_sigma=False):
             if not p.any():
                 p.normal_(std=0.02)
     return model.eval()
+
+
+@torch.no_grad()
+def released_tokens(state, x, t, y, layers, num_heads, patch):
+    """{K: tokens (N, T, D) after block K}, as the released pca-vis models (its sit.py and sito.py on timm's PatchEmbed,
+    Attention and Mlp) compute them, written out here on a state dict: patch embedding + the stored sin-cos
+    positions; timestep (cos, then sin, of t times 10000^(-i/128), through Linear-SiLU-Linear) plus label embedding;
+    then per block, with (shift, scale, gate) x 2 from Linear(SiLU(c)), attention (softmax(q k^T / sqrt(d)) v, the
+    unfused path) and the tanh-GELU MLP on LayerNormed, modulated tokens, each added back through its gate.
+
+    state: a state dict; x (N, 4, h, w); t (N,) the model's times; y (N,) labels. Float32, like the released runs.
+    """
+    def linear(z, name):
+        return F.linear(z, state[f"{name}.weight"], state[f"{name}.bias"])
+
+    def modulate(z, shift, scale):
+        return F.layer_norm(z, z.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    h = F.conv2d(x, state["x_embedder.proj.weight"], state["x_embedder.proj.bias"], stride=patch)
+    h = h.flatten(2).transpose(1, 2) + state["pos_embed"]
+    n, tokens, width = h.shape
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    angles = t[:, None].float() * freqs[None]
+    t_emb = linear(F.silu(linear(torch.cat([torch.cos(angles), torch.sin(angles)], -1), "t_embedder.mlp.0")),
+                   "t_embedder.mlp.2")
+    c = t_emb + state["y_embedder.embedding_table.weight"][y]
+    out = {}
+    for i in range(max(layers)):
+        block = f"blocks.{i}"
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = linear(F.silu(c), f"{block}.adaLN_modulation.1").chunk(6, 1)
+        qkv = linear(modulate(h, shift_a, scale_a), f"{block}.attn.qkv")
+        q, k, v = qkv.reshape(n, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4)
+        attention = ((q * (width // num_heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        h = h + gate_a[:, None] * linear(attention.transpose(1, 2).reshape(n, tokens, width), f"{block}.attn.proj")
+        mlp = linear(F.gelu(linear(modulate(h, shift_m, scale_m), f"{block}.mlp.fc1"), approximate="tanh"),
+                     f"{block}.mlp.fc2")
+        h = h + gate_m[:, None] * mlp
+        if i + 1 in layers:
+            out[i + 1] = h
+    return out
+
+
+def released_normalised(tokens, baseline):
+    """The released norm_feat of tokens (N, T, D): sit.py's LayerNorm without affine (eps 1e-6) per token, written
+    out; sito.py's min-max of each channel over the tokens."""
+    if baseline:
+        low, high = tokens.min(1, keepdim=True).values, tokens.max(1, keepdim=True).values
+        return (tokens - low) / (high - low + 1e-6)
+    mean, var = tokens.mean(-1, keepdim=True), tokens.var(-1, unbiased=False, keepdim=True)
+    return (tokens - mean) / torch.sqrt(var + 1e-6)
 
 
 @pytest.fixture(scope="session")

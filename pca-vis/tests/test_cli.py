@@ -58,14 +58,22 @@ def test_defaults_image_and_save_path_next_to_the_checkpoint(grid_png, sra_ckpt,
 
 
 def test_baseline_runs_an_original_sit_checkpoint_with_threshold(sit_ckpt, tiny_vae_dir, tmp_path):
-    out = tmp_path / "baseline.png"
-    run_script("main_pca.py", "--ckpt", str(sit_ckpt), "--baseline", "--save_path", str(out),
-               "--vae", str(tiny_vae_dir), "--times", "0.5", "--layers", "3", "12", "--thr", "0.5", *TINY)
-    png = np.asarray(Image.open(out))
-    assert png.shape == (LABEL_H + TILE + GAP, LABEL_W + 3 * (TILE + GAP), 3)
+    """--thr 0.5 draws black exactly the tokens whose first component is below 0.5 in the same figure without a
+    threshold (pixel value <= 127 there: round(255 c) <= 127 if and only if c < 0.5), and leaves the others as they are."""
+    pngs = {}
+    for thr in ("0.5", "0"):
+        out = tmp_path / f"baseline-{thr}.png"
+        run_script("main_pca.py", "--ckpt", str(sit_ckpt), "--baseline", "--save_path", str(out),
+                   "--vae", str(tiny_vae_dir), "--times", "0.5", "--layers", "3", "12", "--thr", thr, *TINY)
+        pngs[thr] = np.asarray(Image.open(out))
+    assert pngs["0.5"].shape == (LABEL_H + TILE + GAP, LABEL_W + 3 * (TILE + GAP), 3)
+    step = TILE // TOKENS_PER_SIDE
     for col in (1, 2):
-        black = (cell(png, 0, col) == 0).all(axis=-1)
-        assert 0 < black.mean() < 1  # the background tokens (first component < 0.5), and only those
+        cut, full = (cell(pngs[thr], 0, col)[::step, ::step].reshape(-1, 3) for thr in ("0.5", "0"))
+        background = full[:, 0] <= 127
+        assert 0 < background.sum() < len(full)
+        assert (cut[background] == 0).all()
+        np.testing.assert_array_equal(cut[~background], full[~background])
 
 
 def test_sra_checkpoint_with_baseline_exits_2_with_one_line(sra_ckpt, tiny_vae_dir):
@@ -130,3 +138,10 @@ def test_qk_norm_checkpoint_is_recognised(tmp_path):
     loaded = build_model(parse_args(["--ckpt", str(tmp_path / "qk.pt"), *TINY]), "cpu")
     assert isinstance(loaded.blocks[0].attn.q_norm, torch.nn.LayerNorm)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_attention_is_fused_only_for_the_baseline_as_released(baseline, sra_ckpt, sit_ckpt):
+    loaded = build_model(parse_args(["--ckpt", str(sit_ckpt if baseline else sra_ckpt), *TINY,
+                                     *(["--baseline"] if baseline else [])]), "cpu")
+    assert [block.attn.fused_attn for block in loaded.blocks] == [baseline] * len(loaded.blocks)

@@ -38,21 +38,28 @@ def test_first_channel_follows_the_known_direction_with_fixed_sign():
     assert (np.argsort(rgb[..., 0].ravel()) == np.arange(64)).all()
 
 
+def sklearn_rgb(tokens):
+    """(T, 3): sklearn's exact PCA of tokens (T, D), each component min-maxed over the tokens."""
+    scores = PCA(n_components=3, svd_solver="full").fit_transform(tokens.double().numpy())
+    return (scores - scores.min(0)) / (scores.max(0) - scores.min(0))
+
+
 def test_matches_sklearn_pca_including_sign():
     tokens = torch.randn(256, 48, generator=torch.Generator().manual_seed(1)) * torch.linspace(3, 0.1, 48)
-    scores = PCA(n_components=3, svd_solver="full").fit_transform(tokens.double().numpy())
-    expected = (scores - scores.min(0)) / (scores.max(0) - scores.min(0))
-    np.testing.assert_allclose(pca_rgb(tokens).reshape(256, 3), expected, atol=1e-9)
+    np.testing.assert_allclose(pca_rgb(tokens).reshape(256, 3), sklearn_rgb(tokens), atol=1e-9)
 
 
-def test_threshold_blacks_out_background_tokens():
+@pytest.mark.parametrize("thr", [0.0, 0.5])
+def test_threshold_blacks_out_exactly_the_tokens_below_it(thr):
+    """Against sklearn's colours: a token turns black if and only if its first component is below thr, so thr 0
+    (the default) keeps every token, including the darkest one (first component exactly 0)."""
     tokens, _ = known_direction_tokens()
-    full, cut = pca_rgb(tokens), pca_rgb(tokens, thr=0.5)
-    background = full[..., 0] < 0.5
-    assert 0 < background.sum() < 64
+    full, cut = sklearn_rgb(tokens), pca_rgb(tokens, thr=thr).reshape(64, 3)
+    background = full[:, 0] < thr
+    assert background.sum() == {0.0: 0, 0.5: 32}[thr]  # the first component is linear in the token index
     assert (cut[background] == 0).all()
-    np.testing.assert_array_equal(cut[~background], full[~background])
-    np.testing.assert_array_equal(pca_rgb(tokens, thr=0.0), full)
+    np.testing.assert_allclose(cut[~background], full[~background], atol=1e-6)
+    assert (cut[~background] != 0).any(axis=1).all()
 
 
 @pytest.mark.parametrize("side", [1, 2, 8, 16, 32])

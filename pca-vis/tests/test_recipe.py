@@ -1,12 +1,13 @@
 """main_pca.py draws the released pca-vis recipe (the paper's figure): its PNG tiles are compared with a
 plain re-derivation of the released steps written here (torchvision's Resize((r, r)), a posterior sample
-x 0.18215, x_t = (1 - t) x + t noise, LayerNorm or per-channel min-max, sklearn's PCA, min-max per
-component) on the tiny SiT and the tiny random VAE of conftest."""
+x 0.18215, x_t = (1 - t) x + t noise, the released model's forward and its LayerNorm or per-channel min-max
+written out in conftest, sklearn's PCA, min-max per component) on the weights of the tiny SiT and the tiny random
+VAE of conftest. Nothing of main_pca.py or of SiT-SRA's model code computes the reference."""
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from conftest import LATENT, RESOLUTION, TINY, tiny_sit
+from conftest import LATENT, RESOLUTION, TINY, released_normalised, released_tokens, tiny_sit
 from diffusers import AutoencoderKL
 from PIL import Image
 from sklearn.decomposition import PCA
@@ -15,6 +16,7 @@ from main_pca import DEFAULT_IMAGE, GAP, LABEL_H, LABEL_W, TILE, main
 
 TIMES, LAYERS, LABEL, SEED = [0.7, 0.2], [2, 12], 3, 5
 SIDE = LATENT // 2  # tokens per side of SiT-S/2
+HEADS, PATCH = 6, 2  # SiT-S/2
 
 
 def token_pixels(png, row, col):
@@ -33,7 +35,7 @@ def wide_image(tmp_path_factory):
 
 
 @torch.no_grad()
-def released_maps(image_path, vae_dir, model, baseline, feed_one_minus_t, center_crop):
+def released_maps(image_path, vae_dir, state, baseline, feed_one_minus_t, center_crop):
     """[time][layer] -> (side, side, 3) in [0, 1], step by step as the released get_f, sito/sit and pca_v.
 
     The released script draws from the global RNG without a seed; here the same draws, in the same order
@@ -51,13 +53,10 @@ def released_maps(image_path, vae_dir, model, baseline, feed_one_minus_t, center
         noise = torch.randn(x.shape, generator=generator)
         x_t = (1 - t) * x + t * noise
         t_model = torch.tensor([1 - t if feed_one_minus_t else t])
+        tokens = released_tokens(state, x_t, t_model, torch.tensor([LABEL]), LAYERS, HEADS, PATCH)
         row = []
         for k in LAYERS:
-            h = model.features(x_t, t_model, torch.tensor([LABEL]), depth=k)[0].double()  # (T, D)
-            if baseline:
-                h = (h - h.min(0).values) / (h.max(0).values - h.min(0).values + 1e-6)
-            else:
-                h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 1e-6)
+            h = released_normalised(tokens[k], baseline)[0].double()  # (T, D)
             scores = PCA(n_components=3, svd_solver="full").fit_transform(h.numpy())
             scores = (scores - scores.min(0)) / (scores.max(0) - scores.min(0))
             row.append(scores.reshape(SIDE, SIDE, 3))
@@ -79,8 +78,8 @@ def test_png_tiles_are_the_released_recipe(baseline, flags, feed_one_minus_t, ce
           "--vae", str(tiny_vae_dir), "--times", *map(str, TIMES), "--layers", *map(str, LAYERS),
           "--seed", str(SEED), "--save_path", str(out), *TINY])
     png = np.asarray(Image.open(out))
-    expected = released_maps(wide_image, tiny_vae_dir, tiny_sit(learn_sigma=baseline), baseline, feed_one_minus_t,
-                             center_crop)
+    expected = released_maps(wide_image, tiny_vae_dir, tiny_sit(learn_sigma=baseline).state_dict(), baseline,
+                             feed_one_minus_t, center_crop)
     for row in range(len(TIMES)):
         for col in range(len(LAYERS)):
             np.testing.assert_allclose(token_pixels(png, row, col), np.round(expected[row][col] * 255), atol=1,
