@@ -29,7 +29,7 @@ from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autoc
 from utils import UserError, decode_to_uint8, run_main
 
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
-RELEASED_DEFAULTS = {"model": "DiT-XL/2", "resolution": 256, "num_classes": 1000}
+RELEASED_DEFAULTS = {"model": "DiT-XL/2", "resolution": 256, "num_classes": 1000, "qk_norm": False}
 
 
 def parse_args(argv=None):
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
     p.add_argument("--num-sampling-steps", "--num-steps", type=int, default=250,
                    help="respaced steps out of the 1000 trained ones")
+    p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="accepted as the released generate.py does, without effect: DDPM and DDIM take no Heun step")
     return p.parse_args(argv)
 
 
@@ -67,7 +69,8 @@ def check_flags(args):
 
 
 def folder_name(args):
-    """sampling_io.sample_folder_name (the released `...-seed-{seed}`) with the sampler, its steps and the precision."""
+    """sampling_io.sample_folder_name (which says how it differs from the released name) with the sampler, its steps
+    and the precision."""
     return sample_folder_name(args, f"{args.sampler}-steps-{args.num_sampling_steps}-{args.precision}")
 
 

@@ -26,7 +26,7 @@ from utils import UserError, decode_to_uint8, run_main
 
 PATH_TYPES = ("linear", "cosine")
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
-RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear"}
+RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear", "qk_norm": False}
 
 
 def parse_args(argv=None):
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale (1: none)")
     p.add_argument("--path-type", choices=PATH_TYPES, default=None, help="default: the checkpoint's, else linear")
     p.add_argument("--num-steps", type=int, default=50)
-    p.add_argument("--heun", action="store_true", help="Heun correction (--mode ode only)")
+    p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="Heun correction (--mode ode only)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
     p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
     p.add_argument("--class-balanced", action="store_true",
@@ -63,8 +64,8 @@ def check_flags(args):
 # ---------------------------------------------------------------------------------------------- setup
 
 def folder_name(args):
-    """sampling_io.sample_folder_name (the released `...-seed-{seed}`) with the SDE/ODE mode, the steps, Heun, the
-    guidance interval, the path and the precision, and `-balanced` with --class-balanced."""
+    """sampling_io.sample_folder_name (which says how it differs from the released name) with the SDE/ODE mode, the
+    steps, Heun, the guidance interval, the path and the precision, and `-balanced` with --class-balanced."""
     settings = (f"{args.mode}-steps-{args.num_steps}{'-heun' if args.heun else ''}-interval-{args.guidance_low}-"
                 f"{args.guidance_high}-{args.path_type}-{args.precision}")
     return sample_folder_name(args, settings) + ("-balanced" if args.class_balanced else "")

@@ -39,9 +39,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def add_common_flags(p, models, released_defaults, precision_note):
     """Adds the flags every generate.py has to the ArgumentParser `p`: the checkpoint, output, VAE, batch, sample count,
-    seed, attention and precision switches, the launcher's --local-rank, and --model (choices: the registry `models`)
-    and --num-classes, whose help names their `released_defaults`. `precision_note` says what --precision leaves in
-    full precision."""
+    seed, attention and precision switches, the launcher's --local-rank (and the released --world_size and --dist_url,
+    accepted without effect), and --model (choices: the registry `models`), --num-classes and --qk-norm, whose help
+    names their `released_defaults`. `precision_note` says what --precision leaves in full precision."""
     p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
     p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
     p.add_argument("--model", choices=sorted(models), default=None,
@@ -52,8 +52,11 @@ def add_common_flags(p, models, released_defaults, precision_note):
     p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fused attention kernel: the same attention up to rounding (the released generate.py ran "
+                        "without it)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"default: the checkpoint's, else {'on' if released_defaults['qk_norm'] else 'off'}")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (faster, slightly less exact); cuDNN convolutions keep "
                         "PyTorch's default (TF32 on), as released")
@@ -61,6 +64,9 @@ def add_common_flags(p, models, released_defaults, precision_note):
                    help=f"autocast dtype of the model calls; {precision_note}")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
+    for flag in ("--world_size", "--dist_url"):
+        p.add_argument(flag, default=None, help="accepted as the released generate.py does, without effect: the "
+                                                "processes come from torchrun's environment (WORLD_SIZE, MASTER_ADDR)")
 
 
 def check_common_flags(args):
@@ -154,15 +160,22 @@ def run_on_processes(generate, args, weights):
 # ---------------------------------------------------------------------------------------------- setup
 
 def sample_folder_name(args, settings):
-    """The released name, `{model}-{ckpt stem}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}`, then `-{settings}` (the
-    sampler's settings that change the pixels) and `-classes-{n}` when --num-classes is not 1000, so that a resume
-    never mixes samples of different settings (switches that change only the rounding, --tf32, --fused-attn and the
-    batch size, are left out, as in the released name)."""
+    """`{exp}-{model}-{ckpt stem}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{settings}`, then `-classes-{n}` when
+    --num-classes is not 1000; `{exp}-` only for a checkpoint in train.py's `{exp}/checkpoints/`.
+
+    Not the released name (`{exp}-{ckpt stem}-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}`, SiT's ending in `-{mode}`), which
+    names too little for a resume: a run with other steps, guidance interval, path, sampler or precision would reuse
+    the folder and keep the PNGs of the first. Ours is the original DiT's sample_ddp.py name (model and checkpoint),
+    with the released experiment name in front, so that step-N.pt of two experiments never share a folder, and
+    `settings`, the sampler's settings that change the pixels. Switches that change only the rounding (--tf32,
+    --fused-attn, the batch size) are left out, as in the released name."""
     def clean(text):
         return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
 
+    ckpt = Path(args.ckpt).resolve()
+    experiment = f"{clean(ckpt.parent.parent.name)}-" if ckpt.parent.name == "checkpoints" else ""
     vae = clean(Path(args.vae.rstrip("/")).name)  # a local folder or hub name shortened to its last part
-    name = (f"{clean(args.model)}-{clean(Path(args.ckpt).stem)}-size-{args.resolution}-vae-{vae}-"
+    name = (f"{experiment}{clean(args.model)}-{clean(ckpt.stem)}-size-{args.resolution}-vae-{vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{settings}")
     if args.num_classes != 1000:
         name += f"-classes-{args.num_classes}"
@@ -192,6 +205,8 @@ def read_checkpoint(args, released_defaults):
     checkpoint (the training weights, the optimizer) is not kept."""
     checkpoint = load_checkpoint(args.ckpt, "--ckpt")
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, dict):  # args saved as vars(args)
+        saved = argparse.Namespace(**saved)
     saved = saved if isinstance(saved, argparse.Namespace) else None
     fill_unset_flags(args, saved, released_defaults)
     return Weights(model_state_dict(checkpoint), trained_with(saved))

@@ -40,8 +40,9 @@ def test_flag_errors_name_the_flag():
 def test_direct_call_defaults_are_the_released_generate_py():
     args = parse_for_bare_state_dict(["--ckpt", "x.pt"])
     assert (args.model, args.resolution, args.num_classes, args.sampler, args.num_sampling_steps, args.cfg_scale,
-            args.per_proc_batch_size, args.num_fid_samples, args.vae, args.global_seed, args.tf32) == (
-        "DiT-XL/2", 256, 1000, "ddpm", 250, 1.5, 32, 50_000, "ema", 0, True)
+            args.per_proc_batch_size, args.num_fid_samples, args.vae, args.global_seed, args.tf32, args.qk_norm,
+            args.heun) == ("DiT-XL/2", 256, 1000, "ddpm", 250, 1.5, 32, 50_000, "ema", 0, True, False, False)
+    assert args.fused_attn  # ours; the released DiT generate.py built its model without the fused kernel
     assert generate.parse_args(["--ckpt", "x.pt", "--local-rank=3"]).local_rank == 3  # torch.distributed.launch
     assert generate.parse_args(["--ckpt", "x.pt", "--local_rank", "3"]).local_rank == 3
 
@@ -131,3 +132,8 @@ def test_original_dit_checkpoint_without_the_sra_head_samples_like_the_same_weig
     torch.save({k: v for k, v in sampling_model().state_dict().items() if not k.startswith("ap_head.")}, original)
     npz, _ = run_generate(original, tmp_path / "samples", tiny_vae_dir)
     assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_heun_is_accepted_as_released_and_changes_nothing(base_run, ckpt, tiny_vae_dir, tmp_path):
+    npz, _ = run_generate(ckpt, tmp_path, tiny_vae_dir, "--heun")
+    assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()

@@ -17,6 +17,7 @@ from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_ar
 from PIL import Image
 
 import generate
+import sampling_io
 from utils import load_checkpoint, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +42,40 @@ def test_a_run_without_model_flags_samples_as_the_checkpoints_args_say(base_run,
     run_script(*flags)
     npz, _ = the_npz(tmp_path)
     assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()
+
+
+@pytest.mark.parametrize("saved_as", ["Namespace", "dict"])
+def test_the_whole_model_config_comes_from_the_checkpoint_args(tmp_path, saved_as):
+    """--model, --resolution, --num-classes and --qk-norm unset: a checkpoint trained with --qk-norm, its args an
+    argparse.Namespace (train.py, the released train.py) or a dict, builds its model and loads strictly."""
+    torch.manual_seed(0)
+    trained = MODELS[SAMPLE_MODEL](input_size=RES // 8, num_classes=CLASSES, class_dropout_prob=0.1, qk_norm=True)
+    checkpoint = training_checkpoint(trained.state_dict())
+    checkpoint["args"].qk_norm = True
+    if saved_as == "dict":
+        checkpoint["args"] = vars(checkpoint["args"])
+    path = tmp_path / "qk.pt"
+    torch.save(checkpoint, path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    weights = generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes, args.qk_norm) == (SAMPLE_MODEL, RES, CLASSES, True)
+    assert f"trained with --model {SAMPLE_MODEL}" in weights.trained_with
+    generate.check_flags(args)
+    model = sampling_io.build_model(args, MODELS, torch.device("cpu"), weights)
+    assert model.blocks[0].attn.q_norm.weight.shape == (WIDTH // model.blocks[0].attn.num_heads,)
+
+
+def test_the_released_scripts_launch_flags_change_nothing(base_run, ckpt, tiny_vae_dir, tmp_path, capsys):
+    """--world_size and --dist_url (and --no-heun, which both released generate.py have) are accepted as released,
+    say in --help that they do nothing, and give the base run's samples in the base run's folder."""
+    npz, _ = run_generate(ckpt, tmp_path, tiny_vae_dir, "--world_size", "3", "--dist_url", "tcp://nowhere:1",
+                          "--no-heun")
+    assert npz.name == base_run[0].name and npz.read_bytes() == base_run[0].read_bytes()
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for flag in ("--world_size WORLD_SIZE", "--dist_url DIST_URL"):
+        assert f"{flag} accepted as the released generate.py does, without effect" in usage
 
 
 def test_writes_pngs_and_one_npz_in_index_order(base_run):

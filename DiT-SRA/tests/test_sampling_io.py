@@ -98,3 +98,17 @@ def test_weights_cast_once_give_the_numbers_of_autocast_from_float32_weights(pre
               for p in m.parameters()}
     assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert model.y_embedder.embedding_table.weight.dtype == torch.float32
+
+
+def test_sample_folder_names_the_experiment_of_a_train_py_checkpoint(tmp_path):
+    """The same step of two experiments gets two folders (the released `{exp}-` in front); a checkpoint outside
+    train.py's `{exp}/checkpoints/` keeps the plain name."""
+    def name(ckpt):
+        args = argparse.Namespace(ckpt=str(ckpt), model="SiT-XL/2", resolution=256, vae="ema", cfg_scale=1.8,
+                                  global_seed=0, num_classes=1000)
+        return sampling_io.sample_folder_name(args, "sde-steps-250")
+
+    plain = "SiT-XL-2-step-100-size-256-vae-ema-cfg-1.8-seed-0-sde-steps-250"
+    assert name(tmp_path / "exps" / "run-a" / "checkpoints" / "step-100.pt") == f"run-a-{plain}"
+    assert name(tmp_path / "exps" / "run-b" / "checkpoints" / "step-100.pt") == f"run-b-{plain}"
+    assert name(tmp_path / "downloads" / "step-100.pt") == plain

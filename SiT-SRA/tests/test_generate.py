@@ -37,8 +37,9 @@ def test_direct_call_defaults_are_the_released_generate_py(tmp_path):
     args = parse_for_bare_state_dict(["--ckpt", "x.pt"])
     assert (args.model, args.resolution, args.num_classes, args.path_type, args.mode, args.num_steps, args.cfg_scale,
             args.guidance_low, args.guidance_high, args.per_proc_batch_size, args.num_fid_samples, args.vae,
-            args.global_seed, args.tf32) == (
-        "SiT-B/2", 256, 1000, "linear", "sde", 50, 1.8, 0.0, 1.0, 32, 50_000, "ema", 0, True)
+            args.global_seed, args.tf32, args.qk_norm, args.heun) == (
+        "SiT-B/2", 256, 1000, "linear", "sde", 50, 1.8, 0.0, 1.0, 32, 50_000, "ema", 0, True, False, False)
+    assert args.fused_attn  # ours; the released SiT generate.py defaulted to --no-fused-attn
     assert generate.parse_args(["--ckpt", "x.pt", "--local-rank=3"]).local_rank == 3  # torch.distributed.launch
     assert generate.parse_args(["--ckpt", "x.pt", "--local_rank", "3"]).local_rank == 3
 
