@@ -24,8 +24,9 @@ class SRALoss:
     the no-SRA baseline (alignment 0, no teacher forward). teacher_fp32: run it in float32 outside the
     caller's autocast, as the released code did (`alignment.teacher_features`).
 
-    Random draws, in this order (same seed, same losses as the released code; docs/training.md):
-    t and t_teacher on the CPU default generator, then the noise and the class dropout on x0's device.
+    Random draws, in the released code's order (from the same RNG state, the released step's losses;
+    docs/training.md): t and t_teacher on the CPU default generator, then the noise and the class
+    dropout on x0's device.
     The times reach the device in one copy from pinned memory, so the step does not wait on the GPU.
     """
 
