@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from common import import_tree
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, ALIGN_W = 1e-3, 0.01, 0.5, 2.0
@@ -44,7 +45,7 @@ def tree(request):
     return SimpleNamespace(
         family=family, training=training, reference=reference,
         new_model=lambda: registry[f"{family}-T/2"](input_size=4, num_classes=10),
-        loss_fn=lambda teacher: loss.SRALoss(teacher=teacher, **settings))
+        loss_fn=lambda teacher, **options: loss.SRALoss(teacher=teacher, **settings, **options))
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +73,17 @@ def result(losses, raw, ema, optimizer):
     return Step(losses, raw.state_dict(), ema.state_dict(), grads)
 
 
-def fast_step(tree, state, ema_state, moments, labels, seed, compile=False):
+def cpu_accelerator(precision):
+    """An Accelerator on the CPU with --mixed-precision `precision`; accelerate keeps one process-wide state, which
+    refuses another precision, so it is reset first."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=True, mixed_precision=precision)
+
+
+def fast_step(tree, state, ema_state, moments, labels, seed, compile=False, precision="no", teacher_fp32=False):
     """As train.py: fused AdamW, training.EMA copied after prepare, training.compile_models with
-    --compile, training.train_step."""
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    --compile, training.train_step; --mixed-precision `precision`, --teacher-fp32 `teacher_fp32`."""
+    accelerator = cpu_accelerator(precision)
     model = tree.new_model()
     model.load_state_dict(state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
@@ -86,14 +94,14 @@ def fast_step(tree, state, ema_state, moments, labels, seed, compile=False):
     if compile:
         tree.training.compile_models(raw, ema.model)
     torch.manual_seed(seed)
-    losses = tree.training.train_step(accelerator, model, optimizer, tree.loss_fn(ema.model), ema, moments, labels,
-                                      ALIGN_W, MAX_GRAD_NORM)
+    losses = tree.training.train_step(accelerator, model, optimizer, tree.loss_fn(ema.model, teacher_fp32=teacher_fp32),
+                                      ema, moments, labels, ALIGN_W, MAX_GRAD_NORM)
     return result([value.item() for value in losses], raw, ema.model, optimizer)
 
 
-def reference_run(tree, state, ema_state, moments, labels, seed):
+def reference_run(tree, state, ema_state, moments, labels, seed, precision="no"):
     """As the released code: EMA copied before prepare, default AdamW, reference_step."""
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    accelerator = cpu_accelerator(precision)
     model = tree.new_model()
     model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -140,6 +148,17 @@ def test_compiled_step_gives_the_reference_step_and_plain_parameter_names(tree, 
     for name, value in ref.model.items():
         torch.testing.assert_close(fast.model[name], value, **COMPILED_TOLERANCE["model"], msg=f"model {name}")
         torch.testing.assert_close(fast.ema[name], ref.ema[name], **COMPILED_TOLERANCE["ema"], msg=f"ema {name}")
+
+
+def test_teacher_fp32_gives_the_reference_losses_under_bf16(tree, mid_training_state):
+    """Under bf16 autocast the released teacher runs in float32 outside it: --teacher-fp32 gives the released step's
+    losses and gradient norm bit for bit; our default (the teacher under autocast) moves the alignment loss only."""
+    ref = reference_run(tree, *mid_training_state, seed=1, precision="bf16")
+    released = fast_step(tree, *mid_training_state, seed=1, precision="bf16", teacher_fp32=True)
+    autocast = fast_step(tree, *mid_training_state, seed=1, precision="bf16")
+    assert released.losses == ref.losses
+    assert autocast.losses[0] == ref.losses[0] and autocast.losses[1] != ref.losses[1]
+    assert autocast.losses[1] == pytest.approx(ref.losses[1], rel=0.05)
 
 
 def test_a_different_seed_gives_different_losses(tree, mid_training_state):
