@@ -1,8 +1,7 @@
 """encode's output loads in the training trees' LatentDataset (SiT-SRA/dataset.py, DiT-SRA/dataset.py).
 
 Each dataset.py is imported by file path under its own module name, with its tree on sys.path only
-while it loads (it may import its tree's utils), so the two trees never share a module. A tree
-whose dataset.py does not exist yet is skipped.
+while it loads (it may import its tree's utils), so the two trees never share a module.
 """
 import importlib.util
 import json
