@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from metrics import frechet_distance, inception_score, precision_recall, squared_distances
+from metrics import frechet_distance, inception_score, manifold_radii, precision_recall, squared_distances
 
 
 # ---------------------------------------------------------------------------------------------- FID
@@ -161,6 +161,17 @@ def test_squared_distances_fall_back_to_float32_when_float16_overflows():
     got = squared_distances(u, v)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), torch.cdist(u.double(), v.double()) ** 2, rtol=1e-4)
+
+
+def test_manifold_radii_are_the_radii_of_torchs_float16_distances():
+    """One block of 300 points (its products computed in 8 bands above the diagonal and mirrored below), then blocks
+    of 7 (each pair of blocks sharing one product, transposed for the second): both give the 4th smallest float16
+    distance of each row (itself included), from torch's float16 kernels."""
+    features = inception_like(300, 4)
+    assert np.array_equal(manifold_radii(features).numpy(),
+                          np.partition(suite_distances(features, features), 3, axis=1)[:, 3])
+    few = features[:40]
+    assert np.array_equal(manifold_radii(few, block=7).numpy(), np.partition(suite_distances(few, few), 3, axis=1)[:, 3])
 
 
 def test_precision_recall_of_points_whose_balls_are_known():
