@@ -58,10 +58,8 @@ def class_probabilities(pool, logits_weight):
 def inception_score(probs, split_size=5000):
     """probs (N, C) -> the mean over consecutive splits of split_size rows of exp(mean_i KL(p_i || mean_j p_j)).
 
-    The suite's formula; a last split shorter than split_size counts as one. A probability of exactly 0 adds 0
-    (0 log 0 = 0), where the suite's `p * log p` would give NaN. N < split_size is a ValueError."""
-    if len(probs) < split_size:
-        raise ValueError(f"{len(probs)} samples are fewer than one split of {split_size}")
+    The suite's formula; a last split shorter than split_size counts as one, and so do N < split_size rows. A
+    probability of exactly 0 adds 0 (0 log 0 = 0), where the suite's `p * log p` would give NaN."""
     scores = []
     for start in range(0, len(probs), split_size):
         part = probs[start:start + split_size]
