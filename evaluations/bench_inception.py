@@ -3,7 +3,7 @@
     python evaluations/bench_inception.py --device cuda --batch-size 64 [--inception-weights PATH] [--threads N]
 
 Random 256 px uint8 images; one warm-up batch, then --batches timed batches. The weights' values do not change the
-speed, so any file in torch-fidelity's format will do.
+speed, so any file in torch-fidelity's format will do (--unverified-weights for one other than the published file).
 """
 import argparse
 import time
@@ -24,13 +24,15 @@ def main():
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--inception-weights", type=Path, default=None)
+    p.add_argument("--unverified-weights", action="store_true", help="accept weights of any SHA-256 (random ones)")
     args = p.parse_args()
     if min(args.batch_size, args.batches, args.resolution) < 1:
         raise UserError("--batch-size, --batches and --resolution must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = False  # as the evaluator
-    features = InceptionFeatures(args.inception_weights, args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    features = InceptionFeatures(args.inception_weights, args.device, verify=not args.unverified_weights)
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.resolution, args.resolution, 3),
                                                dtype=np.uint8)
 
