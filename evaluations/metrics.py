@@ -14,7 +14,7 @@ from scipy import linalg
 
 K_NEIGHBOURS = 3
 BLOCK = 10_000  # the suite's row and column batch of pairwise distances; overflow is detected per block
-SELF_PRODUCT_BANDS = 8  # a block's products with itself: 9/16 of a full product's work
+SELF_PRODUCT_BANDS = 16  # a block's products with itself: 17/32 of a full product's work
 
 
 def statistics(activations):

@@ -167,7 +167,7 @@ def test_squared_distances_fall_back_to_float32_when_float16_overflows():
 
 
 def test_manifold_radii_are_the_radii_of_torchs_float16_distances():
-    """One block of 300 points (its products computed in 8 bands above the diagonal and mirrored below), then blocks
+    """One block of 300 points (its products computed in 16 bands above the diagonal and mirrored below), then blocks
     of 7 (each pair of blocks sharing one product, transposed for the second): both give the 4th smallest float16
     distance of each row (itself included), from torch's float16 kernels."""
     features = inception_like(300, 4)
