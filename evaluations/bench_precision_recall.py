@@ -12,7 +12,7 @@ import time
 import torch
 
 import metrics
-from errors import UserError, run_main
+from errors import UserError, device_from_flag, run_main
 
 
 def pool_like(n, dim, seed, device):
@@ -32,12 +32,7 @@ def main():
     args = p.parse_args()
     if min(args.ref, args.samples) <= metrics.K_NEIGHBOURS or min(args.dim, args.repeats) < 1:
         raise UserError(f"--ref and --samples must be > {metrics.K_NEIGHBOURS}, --dim and --repeats >= 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a device (cuda, cpu, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = device_from_flag(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     ref, sample = pool_like(args.ref, args.dim, 0, device), pool_like(args.samples, args.dim, 1, device)

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from errors import UserError, run_main
+from errors import UserError, device_from_flag, run_main
 from inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, default_weights_path
 from npz_io import NpzImages, read_statistics
 
@@ -60,12 +60,7 @@ def check_args(args):
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.split_size < 1:
         raise UserError(f"--split-size must be >= 1, got {args.split_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a device (cuda, cpu, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device_from_flag(args.device)
     for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")

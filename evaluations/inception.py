@@ -76,6 +76,38 @@ def load_weights(path=None, verify=True):
     return state_dict, sha256
 
 
+def random_state_dict(seed=0):
+    """torch-fidelity's InceptionV3 with random weights, as the plain state dict its weights file holds: for tests and
+    speed measurements where the published file is not at hand (its features are not the suite's).
+
+    Convolutions get He-normal weights and batch norms random affine and running statistics, so that activations
+    neither vanish nor explode through the 20 blocks and the features differ between images."""
+    class Skeleton(FeatureExtractorInceptionV3):
+        """The architecture alone: its constructor's load of the (unavailable) weights is skipped."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    net = Skeleton("skeleton", ["2048"], feature_extractor_weights_path=empty)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=generator) * 0.05)
+        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=generator))
+    return net.state_dict()
+
+
 class InceptionFeatures:
     """uint8 images (B, H, W, 3) as numpy -> (pool (B, 2048), spatial (B, 2023)) float32 tensors on `device`.
 
