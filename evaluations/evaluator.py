@@ -150,7 +150,7 @@ def evaluate(args):
 
     ref_pool, ref_spatial = reference_activations(args, features)
     pool, spatial = compute_activations(args.sample_batch, features, args.batch_size)
-    computed = batch_statistics(pool, spatial) if sample_stored is None or args.save_stats else None
+    computed = batch_statistics(pool, spatial) if sample_stored is None or args.save_stats is not None else None
     if args.save_stats is not None:
         np.savez(args.save_stats, **computed)
         print(f"saved the statistics of the images of {args.sample_batch} in {args.save_stats}", file=sys.stderr)
