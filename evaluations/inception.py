@@ -5,7 +5,7 @@ The network is torch-fidelity's `FeatureExtractorInceptionV3`: the 2015-12-05 Te
 (x - 128) / 128 input scaling. Its weights are torch-fidelity's conversion of that graph, a plain state dict.
 
 The file's name carries the first 8 hex digits of its SHA-256 (`6726825d`, torch.hub's convention); a file whose
-checksum does not start with them is refused, unless the caller passes verify=False (tests, with random weights).
+checksum does not start with them is refused, unless the caller passes verify=False (tests and speed measurements, with random weights).
 
 Features of uint8 images (B, H, W, 3):
 - pool (B, 2048): `pool_3`, torch-fidelity's "2048".
@@ -82,6 +82,7 @@ def random_state_dict(seed=0):
 
     Convolutions get He-normal weights and batch norms random affine and running statistics, so that activations
     neither vanish nor explode through the 20 blocks and the features differ between images."""
+
     class Skeleton(FeatureExtractorInceptionV3):
         """The architecture alone: its constructor's load of the (unavailable) weights is skipped."""
 
@@ -112,7 +113,7 @@ class InceptionFeatures:
     """uint8 images (B, H, W, 3) as numpy -> (pool (B, 2048), spatial (B, 2023)) float32 tensors on `device`.
 
     `logits_weight` (1008, 2048) is the graph's softmax/logits MatMul weight, for the Inception Score; `sha256` the
-    weights file's checksum. verify=False accepts weights of any checksum: for tests, whose weights are random."""
+    weights file's checksum. verify=False accepts weights of any checksum: for tests and timings with random weights."""
 
     def __init__(self, weights_path=None, device="cpu", verify=True):
         state_dict, self.sha256 = load_weights(weights_path, verify)
