@@ -6,22 +6,20 @@ import pytest
 import torch
 from scipy import linalg
 
-from metrics import frechet_distance, inception_score, precision_recall, squared_distances
+from metrics import frechet_distance, inception_score, manifold_radii, precision_recall, squared_distances
 
 
 # ---------------------------------------------------------------------------------------------- FID
 
-def suite_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """The suite's FIDStatistics.frechet_distance, written out again (scipy's sqrtm returns the root alone now)."""
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
-        covmean = covmean.real
-    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+def fid_from_eigenvalues(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), the last trace as the sum of the square
+    roots of the eigenvalues of the symmetric sigma1^(1/2) sigma2 sigma1^(1/2) (similar to sigma1 sigma2): numpy's
+    eigh instead of scipy's sqrtm."""
+    w, q = np.linalg.eigh(sigma1)
+    root1 = q @ np.diag(np.sqrt(np.clip(w, 0, None))) @ q.T
+    eigenvalues = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(np.clip(eigenvalues, 0,
+                                                                                                       None)))
 
 
 def test_fid_of_gaussians_with_commuting_covariances_is_the_closed_form():
@@ -36,11 +34,13 @@ def test_fid_of_gaussians_with_commuting_covariances_is_the_closed_form():
     assert frechet_distance(mu1, q @ np.diag(a) @ q.T, mu1, q @ np.diag(a) @ q.T) == pytest.approx(0, abs=1e-9)
 
 
-def test_fid_matches_the_suite_on_random_covariances_of_activations():
+def test_fid_of_covariances_of_activations_is_the_eigenvalue_formula():
+    """Non-commuting covariances of correlated activations, where only the general formula holds."""
     rng = np.random.default_rng(1)
-    x, y = rng.standard_normal((40, 12)), rng.standard_normal((30, 12)) * 1.5 + 0.3
+    x = rng.standard_normal((40, 12)) @ rng.standard_normal((12, 12))
+    y = rng.standard_normal((30, 12)) @ rng.standard_normal((12, 12)) + 0.3
     args = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    assert frechet_distance(*args) == pytest.approx(suite_frechet_distance(*args), rel=1e-12)
+    assert frechet_distance(*args) == pytest.approx(fid_from_eigenvalues(*args), rel=1e-9)
 
 
 def test_fid_with_a_singular_covariance():
@@ -103,9 +103,12 @@ def test_inception_score_matches_the_suite_with_a_short_last_split():
     assert inception_score(probs, split_size=10) == pytest.approx(suite_inception_score(probs, 10), rel=1e-6)
 
 
-def test_inception_score_needs_one_full_split():
-    with pytest.raises(ValueError, match="fewer than one split of 5000"):
-        inception_score(np.full((4999, 3), 1 / 3), split_size=5000)
+def test_fewer_rows_than_one_split_are_one_shorter_split():
+    """As the suite: 4 rows with a split of 5000 are one split of 4; two classes equally often give IS 2."""
+    assert inception_score(np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], split_size=5000) == pytest.approx(2, rel=1e-6)
+    rng = np.random.default_rng(3)
+    probs = torch.softmax(torch.from_numpy(rng.standard_normal((7, 20)).astype(np.float32)), dim=1).numpy()
+    assert inception_score(probs, split_size=5000) == pytest.approx(suite_inception_score(probs, 7), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- precision, recall
@@ -161,6 +164,17 @@ def test_squared_distances_fall_back_to_float32_when_float16_overflows():
     got = squared_distances(u, v)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), torch.cdist(u.double(), v.double()) ** 2, rtol=1e-4)
+
+
+def test_manifold_radii_are_the_radii_of_torchs_float16_distances():
+    """One block of 300 points (its products computed in 16 bands above the diagonal and mirrored below), then blocks
+    of 7 (each pair of blocks sharing one product, transposed for the second): both give the 4th smallest float16
+    distance of each row (itself included), from torch's float16 kernels."""
+    features = inception_like(300, 4)
+    assert np.array_equal(manifold_radii(features).numpy(),
+                          np.partition(suite_distances(features, features), 3, axis=1)[:, 3])
+    few = features[:40]
+    assert np.array_equal(manifold_radii(few, block=7).numpy(), np.partition(suite_distances(few, few), 3, axis=1)[:, 3])
 
 
 def test_precision_recall_of_points_whose_balls_are_known():
