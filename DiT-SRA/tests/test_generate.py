@@ -5,8 +5,8 @@ respaced DDPM steps) and the base run are conftest's; what both families share i
 import numpy as np
 import pytest
 import torch
-from conftest import (CLASSES, N, RES, SAMPLE_MODEL, gen_sh_arguments, run_generate, sampling_model, the_npz,
-                      training_checkpoint)
+from conftest import (CLASSES, N, RES, SAMPLE_MODEL, TINY_MODEL, gen_sh_arguments, run_generate, sampling_model,
+                      the_npz, training_checkpoint)
 
 import generate
 from diffusion import create_diffusion
@@ -131,3 +131,23 @@ def test_original_dit_checkpoint_without_the_sra_head_samples_like_the_same_weig
     torch.save({k: v for k, v in sampling_model().state_dict().items() if not k.startswith("ap_head.")}, original)
     npz, _ = run_generate(original, tmp_path / "samples", tiny_vae_dir)
     assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_compiled_sampler_gives_the_eager_samples_to_float_rounding(monkeypatch):
+    """sample_batch with generate.py's compiled network call (inductor, as on a GPU) against the eager call, 5 DDPM
+    steps with CFG 4 (forward_with_cfg), the same per-index seeds. Inductor fuses and reorders float32 reductions, so
+    each model output moves by a few float32 ulps (~1e-7 relative) and the steps add them up, CFG scaling the
+    difference by up to 2 * 4 - 1: 1e-5 on latents of unit scale bounds that, while a wrong row, time or label moves
+    samples by far more (the other indices below)."""
+    monkeypatch.setattr(generate, "decode_to_uint8", lambda vae, latents: latents)  # compare the latents themselves
+    model = sampling_model(TINY_MODEL)
+    flags = ["--ckpt", "c.pt", "--model", TINY_MODEL, "--num-classes", str(CLASSES), "--resolution", str(RES),
+             "--num-sampling-steps", "5", "--cfg-scale", "4.0"]
+    eager_args, compiled_args = generate.parse_args([*flags, "--no-compile"]), generate.parse_args([*flags, "--compile"])
+    cpu, diffusion = torch.device("cpu"), create_diffusion("5")
+    eager_fn = generate.model_call(eager_args, model, cpu)
+    eager = generate.sample_batch(eager_args, diffusion, eager_fn, None, range(4), cpu)
+    compiled = generate.sample_batch(compiled_args, diffusion, generate.model_call(compiled_args, model, cpu), None,
+                                     range(4), cpu)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert (generate.sample_batch(eager_args, diffusion, eager_fn, None, range(4, 8), cpu) - eager).abs().max() > 0.1
