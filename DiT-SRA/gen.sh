@@ -19,6 +19,10 @@ NUM_FID_SAMPLES=${NUM_FID_SAMPLES:-50000}
 NUM_SAMPLING_STEPS=${NUM_SAMPLING_STEPS:-250}
 CFG_SCALE=${CFG_SCALE:-1.0}
 GLOBAL_SEED=${GLOBAL_SEED:-0}
+PRECISION=${PRECISION:-fp32}  # the released numbers; bf16 is faster (its cost in quality: README, "Sampling for FID")
+COMPILE=${COMPILE:-1}         # generate.py compiles the network call on GPUs; COMPILE=0 runs it eagerly (--no-compile)
+COMPILE_FLAGS=()
+if [ "$COMPILE" = 0 ]; then COMPILE_FLAGS=(--no-compile); fi
 
 torchrun --nnodes=1 --nproc_per_node="$NUM_GPUS" generate.py \
   --ckpt="$CKPT" \
@@ -32,4 +36,6 @@ torchrun --nnodes=1 --nproc_per_node="$NUM_GPUS" generate.py \
   --sampler=ddpm \
   --num-sampling-steps="$NUM_SAMPLING_STEPS" \
   --cfg-scale="$CFG_SCALE" \
-  --global-seed="$GLOBAL_SEED"
+  --global-seed="$GLOBAL_SEED" \
+  --precision="$PRECISION" \
+  "${COMPILE_FLAGS[@]}"

@@ -24,8 +24,9 @@ import torch
 
 from diffusion import create_diffusion
 from models import DiT_models
-from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags, prepare,
-                         read_checkpoint, run_on_processes, sample_folder_name, sample_seed, write_samples)
+from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags,
+                         compile_call, prepare, read_checkpoint, run_on_processes, sample_folder_name, sample_seed,
+                         write_samples)
 from utils import UserError, decode_to_uint8, run_main
 
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
@@ -101,8 +102,15 @@ def guided_loop(loop, cfg_fn, latents, labels, null_class, cfg_scale, step_noise
     return out[:n]
 
 
-def sample_batch(args, diffusion, model, vae, indices, device):
-    """uint8 images (len(indices), H, W, 3) of the given sample indices."""
+def model_call(args, model, device):
+    """The network call of sample_batch: forward_with_cfg with --cfg-scale > 1, else the forward, under --precision
+    and compiled as --compile says (sampling_io.compile_call)."""
+    forward = model.forward_with_cfg if args.cfg_scale > 1 else model
+    return compile_call(autocast_call(forward, device, args.precision), device, args.compile)
+
+
+def sample_batch(args, diffusion, model_fn, vae, indices, device):
+    """uint8 images (len(indices), H, W, 3) of the given sample indices; model_fn is model_call's."""
     rows = RowGenerators([sample_seed(args.global_seed, i) for i in indices], device)
     latent_size = args.resolution // 8
     latents = rows.randn((LATENT_CHANNELS, latent_size, latent_size))  # drawn first, then the labels
@@ -112,10 +120,9 @@ def sample_batch(args, diffusion, model, vae, indices, device):
     else:  # DDIM with eta 0 multiplies its step noise by 0: none is drawn
         loop, step_noise = diffusion.ddim_sample_loop, torch.zeros_like
     if args.cfg_scale > 1:
-        cfg_fn = autocast_call(model.forward_with_cfg, device, args.precision)
-        samples = guided_loop(loop, cfg_fn, latents, labels, args.num_classes, args.cfg_scale, step_noise)
+        samples = guided_loop(loop, model_fn, latents, labels, args.num_classes, args.cfg_scale, step_noise)
     else:
-        samples = plain_loop(loop, autocast_call(model, device, args.precision), latents, labels, step_noise)
+        samples = plain_loop(loop, model_fn, latents, labels, step_noise)
     return decode_to_uint8(vae, samples.float())
 
 
@@ -125,7 +132,9 @@ def generate(args, procs, weights):
     folder = Path(args.sample_dir) / folder_name(args)
     model, vae = prepare(args, procs, DiT_models, folder, weights)
     diffusion = build_diffusion(args)
-    write_samples(args, procs, folder, lambda indices: sample_batch(args, diffusion, model, vae, indices, procs.device))
+    model_fn = model_call(args, model, procs.device)
+    write_samples(args, procs, folder,
+                  lambda indices: sample_batch(args, diffusion, model_fn, vae, indices, procs.device))
 
 
 def main(args):

@@ -18,6 +18,10 @@ NUM_FID_SAMPLES=${NUM_FID_SAMPLES:-50000}
 MODE=${MODE:-sde}
 NUM_STEPS=${NUM_STEPS:-250}
 GLOBAL_SEED=${GLOBAL_SEED:-0}
+PRECISION=${PRECISION:-fp32}  # the released numbers; bf16 is faster (its cost in quality: README, "Sampling for FID")
+COMPILE=${COMPILE:-1}         # generate.py compiles the network call on GPUs; COMPILE=0 runs it eagerly (--no-compile)
+COMPILE_FLAGS=()
+if [ "$COMPILE" = 0 ]; then COMPILE_FLAGS=(--no-compile); fi
 
 # Guidance of the released results: CFG 1.8 on t in [0, 0.7] at 256 px, CFG 2.5 with a guidance interval at 512 px
 # (the released README does not give the 512 px bounds; [0, 0.7] is assumed, override with GUIDANCE_LOW/HIGH).
@@ -46,4 +50,6 @@ torchrun --nnodes=1 --nproc_per_node="$NUM_GPUS" generate.py \
   --guidance-low="$GUIDANCE_LOW" \
   --guidance-high="$GUIDANCE_HIGH" \
   --path-type=linear \
-  --global-seed="$GLOBAL_SEED"
+  --global-seed="$GLOBAL_SEED" \
+  --precision="$PRECISION" \
+  "${COMPILE_FLAGS[@]}"

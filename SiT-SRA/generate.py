@@ -20,8 +20,9 @@ import torch
 
 from models import SiT_models
 from samplers import euler_maruyama_sampler, euler_sampler
-from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags, prepare,
-                         read_checkpoint, run_on_processes, sample_folder_name, sample_seed, write_samples)
+from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags,
+                         compile_call, prepare, read_checkpoint, run_on_processes, sample_folder_name, sample_seed,
+                         write_samples)
 from utils import UserError, decode_to_uint8, run_main
 
 PATH_TYPES = ("linear", "cosine")
@@ -93,7 +94,7 @@ def sample_batch(args, model_fn, vae, indices, device):
 def generate(args, procs, weights):
     folder = Path(args.sample_dir) / folder_name(args)
     model, vae = prepare(args, procs, SiT_models, folder, weights)
-    model_fn = autocast_call(model, procs.device, args.precision)
+    model_fn = compile_call(autocast_call(model, procs.device, args.precision), procs.device, args.compile)
     write_samples(args, procs, folder, lambda indices: sample_batch(args, model_fn, vae, indices, procs.device))
 
 

@@ -39,16 +39,25 @@ def _labels(y, cfg_scale, null_class):
     return y
 
 
-def _velocity(model, x, t_row, y_in, dtype, guided):
+def _input_buffer(latents, cfg_scale):
+    """The model's input rows, (2N, C, H, W) when cfg_scale > 1 else (N, C, H, W), in the latents' dtype: allocated
+    once per sampling run and rewritten at every call, so the calls see one tensor of one shape (see _velocity)."""
+    rows = 2 * latents.shape[0] if cfg_scale > 1.0 else latents.shape[0]
+    return latents.new_empty((rows, *latents.shape[1:]))
+
+
+def _velocity(model, x, x_in, t_row, y_in, guided):
     """Calls the model once; returns its float64 output split into (cond, uncond) halves if guided, else (v,).
 
-    x: (N, C, H, W) float64 state; t_row: (>= 2N,) times in the model dtype; y_in: labels (y, or [y; null]).
+    x: (N, C, H, W) float64 state; x_in: _input_buffer's (>= 2N if guided, else >= N) rows, into which x is cast (twice
+    if guided: [x; x]); t_row: (>= 2N,) times in the model dtype; y_in: labels (y, or [y; null]).
     """
-    x_in = x.to(dtype)
+    n = x.shape[0]
+    rows = 2 * n if guided else n
+    x_in[:n].copy_(x)
     if guided:
-        x_in = torch.cat([x_in, x_in])
-    rows = x_in.shape[0]
-    out = model(x_in, t_row[:rows], y_in[:rows]).to(torch.float64)
+        x_in[n:rows].copy_(x_in[:n])
+    out = model(x_in[:rows], t_row[:rows], y_in[:rows]).to(torch.float64)
     return out.chunk(2) if guided else (out,)
 
 
@@ -79,15 +88,16 @@ def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, gu
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     t_model = _time_rows(t_steps, 2 * latents.shape[0], latents.device, dtype)
     y_in = _labels(y, cfg_scale, null_class)
+    x_in = _input_buffer(latents, cfg_scale)
     t_list = t_steps.tolist()
     x = latents.to(torch.float64)
     for i in range(num_steps):
         t_cur, t_next = t_list[i], t_list[i + 1]
         guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
-        v = _guide(_velocity(model, x, t_model[i], y_in, dtype, guided), cfg_scale)
+        v = _guide(_velocity(model, x, x_in, t_model[i], y_in, guided), cfg_scale)
         x_next = x + (t_next - t_cur) * v
         if heun and i < num_steps - 1:
-            v_next = _guide(_velocity(model, x_next, t_model[i + 1], y_in, dtype, guided), cfg_scale)
+            v_next = _guide(_velocity(model, x_next, x_in, t_model[i + 1], y_in, guided), cfg_scale)
             x_next = x + (t_next - t_cur) * (0.5 * v + 0.5 * v_next)
         x = x_next
     return x
@@ -114,6 +124,7 @@ def euler_maruyama_sampler(model, latents, y, num_steps=250, heun=False, cfg_sca
                          torch.zeros(1, dtype=torch.float64)])
     t_model = _time_rows(t_steps, 2 * latents.shape[0], latents.device, dtype)
     y_in = _labels(y, cfg_scale, null_class)
+    x_in = _input_buffer(latents, cfg_scale)
     # Score coefficients, s = (ratio * v - x) / var, at every time a step starts from.
     alpha, sigma, d_alpha, d_sigma = interpolant(t_steps[:-1], path_type)
     ratio = alpha / d_alpha
@@ -127,7 +138,7 @@ def euler_maruyama_sampler(model, latents, y, num_steps=250, heun=False, cfg_sca
         t_cur = t_list[i]
         guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
         half_g = 0.5 * (2 * t_cur)
-        vs = _velocity(model, x, t_model[i], y_in, dtype, guided)
+        vs = _velocity(model, x, x_in, t_model[i], y_in, guided)
         return _guide([v - half_g * ((ratio_list[i] * v - x) / var_list[i]) for v in vs], cfg_scale)
 
     for i in range(num_steps - 1):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.utils._triton import has_triton
 from tqdm import tqdm
 
 from utils import (UserError, check_writable, load_checkpoint, load_vae, load_weights, model_state_dict,
@@ -62,6 +63,8 @@ def add_common_flags(p, models, released_defaults, precision_note):
                         "PyTorch's default (TF32 on), as released")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help=f"autocast dtype of the model calls; {precision_note}")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model call (slower start, faster steps); default: on with CUDA, off on CPU")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help="set by `python -m torch.distributed.launch`; LOCAL_RANK in the environment wins")
     for flag in ("--world_size", "--dist_url"):
@@ -274,6 +277,32 @@ def autocast_call(fn, device, precision):
         context = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with context:
             return fn(*args, **kwargs).float()
+    return call
+
+
+def compile_call(fn, device, enabled):
+    """fn itself, or fn through torch.compile when `enabled` (--compile; None: on CUDA only).
+
+    One graph per input shape (dynamic=False, fullgraph=True): a sampling run has at most two, the batch with and
+    without the CFG-doubled rows, each compiled on its first call. Where torch.compile cannot work (no Triton for the
+    GPU, no C++ compiler for the CPU, a graph it cannot capture) the run stops with a UserError naming --no-compile:
+    never an eager fallback.
+    """
+    if not (device.type == "cuda" if enabled is None else enabled):
+        return fn
+    if device.type == "cuda" and not has_triton():
+        raise UserError("--compile: torch.compile needs Triton for this GPU, which is not installed or does not "
+                        "support it; use --no-compile")
+    # Past the recompile limit dynamo would run the call eagerly without a word; fail instead.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile failed ({reason}); use --no-compile") from None
     return call
 
 

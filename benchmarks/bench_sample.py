@@ -17,7 +17,8 @@ through `forward_with_cfg` on the [z; z] batch. "ours" is what DiT-SRA/generate.
 is the same diffusion loop (which ports the released one step for step) with the released model
 call: float32, no autocast, noise from `torch.randn_like` on the device.
 
---compile compiles ours' model (generate.py has no such flag; this shows what it would give).
+Ours' network call goes through generate.py's compile path, `sampling_io.compile_call`: compiled with CUDA unless
+--no-compile, eager on a CPU unless --compile; the warm-up run compiles it (one graph per batch shape).
 The VAE decode is not timed. After a short warm-up run per mode, rounds alternate the modes
 (reversing the order every round); each round times one full sampling run of --num-samples
 images; medians over rounds are printed. Peak memory: on GPU the peak allocated during a mode's
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-low", type=float, default=0.0, help="SiT only")
     p.add_argument("--guidance-high", type=float, default=0.7, help="SiT only")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="ours' autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile ours' model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile ours' network call as generate.py does; default: on with CUDA, off on CPU")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_threads_flag(p)
@@ -64,11 +66,12 @@ def sit_modes(args, model, net, device):
     guidance = dict(cfg_scale=args.cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
                     path_type="linear", null_class=model.num_classes)
 
+    model_fn = sampling_io.compile_call(sampling_io.autocast_call(net, device, args.precision), device, args.compile)
+
     def ours(num_steps):
         rows = sampling_io.RowGenerators([sampling_io.sample_seed(args.seed, i) for i in range(args.num_samples)],
                                          device)
         latents = rows.randn((4, latent, latent))
-        model_fn = sampling_io.autocast_call(net, device, args.precision)
         return samplers.euler_maruyama_sampler(model_fn, latents, labels, num_steps=num_steps,
                                                step_noise=rows.randn_like, **guidance)
 
@@ -85,6 +88,7 @@ def dit_modes(args, model, net, device):
                                         ("sampling_io", "generate", "diffusion"))
     latent = args.resolution // 8
     labels = torch.arange(args.num_samples, device=device) % model.num_classes
+    model_fn = generate.model_call(args, net, device)  # forward_with_cfg or forward, --precision, --compile
 
     def ours(num_steps):
         loop = diffusion.create_diffusion(str(num_steps)).p_sample_loop
@@ -92,11 +96,9 @@ def dit_modes(args, model, net, device):
                                          device)
         latents = rows.randn((4, latent, latent))
         if args.cfg_scale > 1:
-            cfg_fn = sampling_io.autocast_call(net.forward_with_cfg, device, args.precision)
-            return generate.guided_loop(loop, cfg_fn, latents, labels, model.num_classes, args.cfg_scale,
+            return generate.guided_loop(loop, model_fn, latents, labels, model.num_classes, args.cfg_scale,
                                         rows.randn_like)
-        return generate.plain_loop(loop, sampling_io.autocast_call(net, device, args.precision), latents, labels,
-                                   rows.randn_like)
+        return generate.plain_loop(loop, model_fn, latents, labels, rows.randn_like)
 
     def reference(num_steps):
         loop = diffusion.create_diffusion(str(num_steps)).p_sample_loop
@@ -125,11 +127,7 @@ def main(args):
             p.add_(0.02 * torch.randn_like(p))
     # ours' own copy, as generate.py builds it (weights cast once for autocast), compiled without touching the reference's
     net = sampling_io.cast_for_autocast(copy.deepcopy(model), args.precision)
-    if args.compile:
-        # static shapes: SiT calls the model on N rows outside the guidance interval and 2N inside
-        net.compile(dynamic=False)
-        if family == "DiT":  # forward_with_cfg calls self.forward, which net.compile() does not reach
-            net.forward_with_cfg = torch.compile(net.forward_with_cfg, dynamic=False)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile  # generate.py's default, printed
     modes = (sit_modes if family == "SiT" else dit_modes)(args, model, net, device)
     if args.no_reference:
         del modes["reference"]

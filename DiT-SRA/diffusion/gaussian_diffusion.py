@@ -269,9 +269,9 @@ class GaussianDiffusion:
         if device is None:
             device = noise.device if noise is not None else next(model.parameters()).device
         x = noise if noise is not None else torch.randn(*shape, device=device)
-        steps = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(steps) if progress else steps:
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+        # Row k of step_rows is step T-1-k for every sample: made once, so a step allocates no index of its own.
+        step_rows = torch.arange(self.num_timesteps - 1, -1, -1, device=device).unsqueeze(1).repeat(1, shape[0])
+        for t in tqdm(step_rows) if progress else step_rows:
             with torch.no_grad():
                 x = step(model, x, t, **step_kwargs)["sample"]
         return x

@@ -126,6 +126,22 @@ def test_the_seeds_table_holds_mean_std_and_difference_of_both_seeds(demo_run):
     assert markdown in stdout
 
 
+def test_precision_check_compares_bf16_with_fp32_of_the_same_seeds_and_fp32_of_others(demo_run):
+    out = demo_run[0] / "seed-0"
+    result = subprocess.run([sys.executable, str(TREE / "precision_check.py"), "--out", str(out), "--num-samples",
+                             str(SAMPLES), "--sampling-steps", "3", "--classifier-epochs", "1"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    report = json.loads((out / "precision.json").read_text())
+    assert report["num_samples"] == SAMPLES and report["checkpoint"].endswith("exps/sra/checkpoints/step-10.pt")
+    assert set(report["sets"]) == {"fp32, seed A", "bf16, seed A", "fp32, seed B"}
+    assert report["bf16_vs_fp32_same_seeds_pixels"]["mean_abs_diff"] < 2  # same noise: bf16 rounding only
+    assert abs(report["frechet_bf16_vs_fp32_same_seeds"]) < report["frechet_fp32_vs_fp32_other_seeds"]
+    assert report["table"] in result.stdout and "| bf16 vs fp32, same seeds |" in report["table"]
+    for name in ("fp32-a", "bf16-a", "fp32-b"):
+        assert len(list((out / "precision" / name).glob("*.npz"))) == 1
+
+
 def test_latent_rescaling_is_exact_and_gives_the_pipeline_scale():
     images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     torch.manual_seed(0)
