@@ -22,6 +22,14 @@ PRECISION=${PRECISION:-fp32}  # the released numbers; bf16 is faster (its cost i
 COMPILE=${COMPILE:-1}         # generate.py compiles the network call on GPUs; COMPILE=0 runs it eagerly (--no-compile)
 COMPILE_FLAGS=()
 if [ "$COMPILE" = 0 ]; then COMPILE_FLAGS=(--no-compile); fi
+# Several nodes: on each, NNODES=2 NODE_RANK=0 (1, ...) MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] bash gen.sh,
+# with SAMPLE_DIR on a filesystem every node shares (README, "Several nodes").
+NNODES=${NNODES:-1}
+NODE_FLAGS=()
+if [ "$NNODES" != 1 ]; then
+  NODE_FLAGS=(--node_rank="${NODE_RANK:?NODE_RANK is needed with NNODES}" \
+              --master_addr="${MASTER_ADDR:?MASTER_ADDR is needed with NNODES}" --master_port="${MASTER_PORT:-29500}")
+fi
 
 # Guidance of the released results: CFG 1.8 on t in [0, 0.7] at 256 px, CFG 2.5 with a guidance interval at 512 px
 # (the released README does not give the 512 px bounds; [0, 0.7] is assumed, override with GUIDANCE_LOW/HIGH).
@@ -35,7 +43,7 @@ CFG_SCALE=${CFG_SCALE:-$DEFAULT_CFG}
 GUIDANCE_LOW=${GUIDANCE_LOW:-$DEFAULT_LOW}
 GUIDANCE_HIGH=${GUIDANCE_HIGH:-$DEFAULT_HIGH}
 
-torchrun --nnodes=1 --nproc_per_node="$NUM_GPUS" generate.py \
+torchrun --nnodes="$NNODES" "${NODE_FLAGS[@]}" --nproc_per_node="$NUM_GPUS" generate.py \
   --ckpt="$CKPT" \
   --sample-dir="$SAMPLE_DIR" \
   --model="$MODEL" \

@@ -29,8 +29,8 @@ from PIL import Image
 from torch.utils._triton import has_triton
 from tqdm import tqdm
 
-from utils import (UserError, check_writable, load_checkpoint, load_vae, load_weights, model_state_dict,
-                   with_own_head)
+from utils import (UserError, check_shared_folder, check_writable, load_checkpoint, load_vae, load_weights,
+                   model_state_dict, with_own_head)
 
 SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRIDE + i (see the module docstring)
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
@@ -251,7 +251,7 @@ def build_model(args, factories, device, weights):
 
 def prepare(args, procs, factories, folder, weights):
     """Every check that can fail, before any sampling: the architecture against the weights, VAE, writable output
-    folder.
+    folder that every process sees.
 
     Returns (model, vae). A failure on any process stops all of them with a UserError.
     """
@@ -266,6 +266,8 @@ def prepare(args, procs, factories, folder, weights):
     # Agree before anyone samples: a process that failed alone would leave the others waiting at the barrier.
     if procs.any_failed(error is not None):
         raise error or UserError("another process failed its checks (its error is printed above)")
+    if procs.world_size > 1:  # rank 0 reads every process's PNGs for the .npz
+        check_shared_folder(folder, "--sample-dir", procs.rank, procs.all_gather, procs.barrier)
     return result
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from alignment import align_weight
 from checkpoints import load_optimizer_state, resolve_resume, rng_state, set_rng_state, write_checkpoint
 from dataset import LatentDataset, sample_posterior
-from utils import UserError, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int
+from utils import UserError, check_shared_folder, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int
 
 EMA_DECAY = 0.9999
 
@@ -245,6 +245,9 @@ def start_run(args, folders=("checkpoints",)):
     if is_main:
         for folder in (exp_dir, *(exp_dir / name for name in folders)):
             check_writable(folder, "--output-dir")
+    if accelerator.num_processes > 1:
+        check_shared_folder(exp_dir, "--output-dir", accelerator.process_index, gather_object,
+                            accelerator.wait_for_everyone)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
                         handlers=[logging.StreamHandler(), logging.FileHandler(exp_dir / "log.txt")] if is_main
                         else [logging.NullHandler()])
@@ -372,6 +375,11 @@ class Trainer:
         """Loads --resume-ckpt into the model, the optimizer and the counters; returns the checkpoint."""
         args = self.args
         path = resolve_resume(args.resume_ckpt, self.checkpoint_dir)
+        # Every process loads the file itself: one that cannot would fail alone and leave the others at a barrier.
+        missing = [rank for rank, readable in enumerate(gather_object([path.is_file()])) if not readable]
+        if missing:
+            raise UserError(f"--resume-ckpt {path}: no such file on process(es) {missing}; with several nodes, put "
+                            "it where every node can read it")
         ckpt = load_checkpoint(path, "--resume-ckpt")
         self.resume_source = f"--resume-ckpt {path}"
         self.resume_hint = f"--model {args.model} --resolution {args.resolution} --num-classes {args.num_classes}"

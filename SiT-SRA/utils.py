@@ -6,6 +6,8 @@ import argparse
 import os
 import pickle
 import re
+import secrets
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -133,6 +135,30 @@ def check_writable(folder, flag):
             pass
     except OSError as e:
         raise UserError(f"{flag} {folder}: not writable ({e.strerror or e})") from None
+
+
+def check_shared_folder(folder, flag, rank, all_gather, barrier):
+    """UserError on every process unless every process sees the file that rank 0 writes in `folder` (created by rank
+    0 beforehand). With several nodes, a folder on a node's own disk would otherwise show up later as a hang at a
+    barrier, a resume from nothing, or PNGs the main process cannot read.
+
+    all_gather(list) -> the concatenation of every process's list in rank order; barrier() waits for all."""
+    token = all_gather([secrets.token_hex(8)] if rank == 0 else [])[0]
+    marker = Path(folder) / f".shared-check-{token}"
+    if rank == 0:
+        marker.write_text(token)
+    barrier()
+    try:
+        sees = marker.read_text() == token
+    except OSError:
+        sees = False
+    views = all_gather([(sees, socket.gethostname())])
+    if rank == 0:
+        marker.unlink()
+    blind = [f"{r} on {host}" for r, (sees, host) in enumerate(views) if not sees]
+    if blind:
+        raise UserError(f"{flag} {folder}: process {', '.join(blind)} cannot see the files process 0 on {views[0][1]} "
+                        f"writes there; with several nodes, {flag} must be on a filesystem every node shares")
 
 
 def load_vae(name, device):

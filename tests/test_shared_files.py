@@ -7,7 +7,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = ["alignment.py", "blocks.py", "checkpoints.py", "dataset.py", "sampling_io.py", "training.py", "utils.py",
           "tests/conftest.py", "tests/test_generate_common.py", "tests/test_generate_compile.py", "tests/test_models.py",
-          "tests/test_sampling_io.py",
+          "tests/test_multinode.py", "tests/test_sampling_io.py",
           "tests/test_train.py", "tests/test_train_compile.py", "tests/test_train_resume.py", "tests/test_training.py"]
 
 

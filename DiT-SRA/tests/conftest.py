@@ -139,15 +139,21 @@ def run_generate(ckpt, sample_dir, vae_dir, *extra):
     return the_npz(sample_dir)
 
 
-def gen_sh_arguments(tmp_path, **env):
-    """Runs gen.sh with the environment `env` and a stand-in torchrun that records its arguments; asserts the
-    torchrun part (one node, NUM_GPUS=4 processes) and returns generate.py's arguments."""
+def gen_sh_torchrun_arguments(tmp_path, **env):
+    """Runs gen.sh with the environment `env` (NUM_GPUS=4 unless given) and a stand-in torchrun that records its
+    arguments; returns them (torchrun's, then generate.py and its own)."""
     (tmp_path / "torchrun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
     (tmp_path / "torchrun").chmod(0o755)
     full_env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args"),
                 "NUM_GPUS": "4", **env}
     subprocess.run(["bash", "gen.sh"], cwd=TREE, env=full_env, check=True)
-    recorded = (tmp_path / "args").read_text().splitlines()
+    return (tmp_path / "args").read_text().splitlines()
+
+
+def gen_sh_arguments(tmp_path, **env):
+    """generate.py's arguments from gen.sh (see gen_sh_torchrun_arguments), asserting the torchrun part: one node,
+    NUM_GPUS=4 processes."""
+    recorded = gen_sh_torchrun_arguments(tmp_path, **env)
     assert recorded[:3] == ["--nnodes=1", "--nproc_per_node=4", "generate.py"]
     return recorded[3:]
 
