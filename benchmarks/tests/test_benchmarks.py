@@ -21,6 +21,10 @@ def test_bench_train_times_both_modes_and_prints_the_ratio(model):
         assert row, f"no result row for {mode}:\n{out}"
         assert float(row.group(1)) > 0 and sum(map(float, row.group(3).split())) > 0
     assert re.search(r"^ratio ours/reference images/s: [0-9.]+x$", out, re.M)
+    # what --compile compiles traces into one graph each (a graph break would split and slow the compiled step)
+    assert ("graph breaks (torch._dynamo.explain) in ours' compiled functions: student forward 0 (1 graph), "
+            "teacher features 0 (1 graph)") in out
+    assert "host-device syncs in one ours step: n/a on a CPU" in out
 
 
 def test_gpu_check_script_runs_both_benchmarks_into_out(tmp_path):
