@@ -1,0 +1,73 @@
+"""Runs a script unmodified as __main__ and writes the time of each tick of its first progress bar
+(one training step, or one sampling batch) to a file: the clock vs_released.py reads, the same for
+the released scripts and ours.
+
+    python benchmarks/step_clock.py TICKS_FILE path/to/train.py --flag ...
+    torchrun --standalone --nproc_per_node 8 benchmarks/step_clock.py TICKS_FILE path/to/generate.py ...
+
+TICKS_FILE gets one time.perf_counter() value in seconds per line, flushed as it happens, from the
+main process only (RANK 0 or unset). A tick is a `tqdm.update` call (train.py's step bar, both
+repositories) or the start of a loop iteration over a tqdm (generate.py's batch loop, both): the
+time between two ticks is one step of the script, whatever it does in it. The script runs with its
+own folder as sys.path[0], as `python script.py` would.
+"""
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import tqdm.std
+
+
+class TickLog:
+    """Appends a line per tick of the first bar that ticks; other bars are ignored."""
+
+    def __init__(self, path):
+        self.file = open(path, "w") if os.environ.get("RANK", "0") == "0" else None  # open for the whole run
+        self.bar = None
+
+    def __call__(self, bar):
+        if self.file is None:
+            return
+        if self.bar is None:
+            self.bar = bar  # held, so that no later bar can reuse its id
+        if bar is self.bar:
+            self.file.write(f"{time.perf_counter():.6f}\n")
+            self.file.flush()
+
+
+def install(ticks):
+    """Wraps tqdm's update and iteration (tqdm.auto's and tqdm's bars are both tqdm.std.tqdm) so that each calls `ticks`."""
+    update, iterate = tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__
+    iterating = set()  # bars inside __iter__, which calls update itself to redraw
+
+    def ticking_update(self, n=1):
+        if id(self) not in iterating:
+            ticks(self)
+        return update(self, n)
+
+    def ticking_iter(self):
+        iterating.add(id(self))
+        try:
+            for item in iterate(self):
+                ticks(self)
+                yield item
+        finally:
+            iterating.discard(id(self))
+
+    tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__ = ticking_update, ticking_iter
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(f"usage: {sys.argv[0]} TICKS_FILE SCRIPT [ARGS...]")
+    ticks_file, script = sys.argv[1], Path(sys.argv[2]).resolve()
+    install(TickLog(ticks_file))
+    sys.argv = [str(script), *sys.argv[3:]]
+    sys.path[0] = str(script.parent)
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
