@@ -283,13 +283,16 @@ def main(args):
           f"{' ' + torch.cuda.get_device_name(device) if cuda else ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model FLOPs per step {flops / 1e12:.4f} TFLOP", flush=True)
 
-    breaks = graph_breaks(modes["ours"], moments, labels)
-    print("graph breaks (torch._dynamo.explain) in ours' compiled functions: " + ", ".join(
-        f"{name} {n_breaks} ({graphs} graph{'s' if graphs != 1 else ''})" for name, (graphs, n_breaks, _) in breaks.items()),
-        flush=True)
-    for name, (_, _, reasons) in breaks.items():
-        for reason in reasons:
-            print(f"  {name}: {reason}")
+    if torch._dynamo.config.disable:  # TORCH_COMPILE_DISABLE=1: dynamo traces nothing
+        print("graph breaks (torch._dynamo.explain) in ours' compiled functions: n/a (dynamo disabled)")
+    else:
+        breaks = graph_breaks(modes["ours"], moments, labels)
+        print("graph breaks (torch._dynamo.explain) in ours' compiled functions: " + ", ".join(
+            f"{name} {n_breaks} ({graphs} graph{'s' if graphs != 1 else ''})"
+            for name, (graphs, n_breaks, _) in breaks.items()), flush=True)
+        for name, (_, _, reasons) in breaks.items():
+            for reason in reasons:
+                print(f"  {name}: {reason}")
 
     for mode in modes.values():
         sync()

@@ -66,9 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--sample-batches", type=int, default=4, help="batches per process (0: no sampling)")
     p.add_argument("--sample-warmup", type=int, default=1, help="sampling batches left out of the median")
     p.add_argument("--train-variant", action="append", default=[],
-                   help="flags of one more training run of ours, e.g. '--no-compile' (repeatable)")
+                   help="flags of one more training run of ours, e.g. --train-variant=--no-compile (repeatable)")
     p.add_argument("--sample-variant", action="append", default=[],
-                   help="flags of one more sampling run of ours, e.g. '--precision bf16' (repeatable)")
+                   help="flags of one more sampling run of ours, e.g. --sample-variant='--precision bf16' (repeatable)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--keep", action="store_true", help="keep --workdir (logs, tick files)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")

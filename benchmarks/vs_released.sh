@@ -3,7 +3,7 @@
 # flags on the same synthetic latents and a tiny VAE served offline; prints one markdown table (method:
 # benchmarks/vs_released.py's docstring). Extra flags go to vs_released.py.
 #   bash benchmarks/vs_released.sh RELEASED_DIR                               # SiT-XL/2 and DiT-XL/2, on a GPU
-#   bash benchmarks/vs_released.sh RELEASED_DIR --train-variant --no-compile --sample-variant "--precision bf16"
+#   bash benchmarks/vs_released.sh RELEASED_DIR --train-variant=--no-compile --sample-variant="--precision bf16"
 #   PYTHON=/path/to/python3 bash benchmarks/vs_released.sh RELEASED_DIR ...
 set -euo pipefail
 if [ $# -lt 1 ]; then
