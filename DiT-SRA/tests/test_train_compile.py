@@ -79,6 +79,22 @@ def test_train_compile_without_a_compiler_stops_with_one_line(tmp_path, latent_d
     assert json.loads((tmp_path / "eager" / "exp" / "args.json").read_text())["compile"] is False
 
 
+def test_a_compile_failure_stops_the_run_with_one_line_instead_of_training_eagerly(tmp_path, latent_data_dir):
+    """A C++ compiler that answers --version but builds nothing passes the check; inductor's build then fails
+    for real in the first step (a private inductor cache, so no kernel comes from an earlier run)."""
+    broken = tmp_path / "g++"
+    broken.write_text('#!/bin/sh\nif [ "$1" = --version ]; then exec g++ --version; fi\n'
+                      'echo "g++: fatal error: this compiler builds nothing" >&2\nexit 1\n')
+    broken.chmod(0o755)
+    result = run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "1", "--compile"),
+                        env={"CXX": str(broken), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error: --compile: torch.compile failed (" in result.stderr and "--no-compile" in result.stderr, last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "exp" / "losses.jsonl").exists() or not loss_log(tmp_path).strip()  # no step was trained
+
+
 def test_compiled_run_with_two_processes_matches_the_uncompiled_losses(tmp_path, latent_data_dir):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_script(*torchrun(*train_args(eager, latent_data_dir, "--max-train-steps", "2", "--batch-size", "2")),
