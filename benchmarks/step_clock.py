@@ -1,15 +1,18 @@
-"""Runs a script unmodified as __main__ and writes the time of each tick of its first progress bar
-(one training step, or one sampling batch) to a file: the clock vs_released.py reads, the same for
-the released scripts and ours.
+"""Runs a script unmodified as __main__ and writes the time of each tick of its progress bar (one
+training step, or one sampling batch) to a file: the clock vs_released.py reads, the same for the
+released scripts and ours.
 
-    python benchmarks/step_clock.py TICKS_FILE path/to/train.py --flag ...
-    torchrun --standalone --nproc_per_node 8 benchmarks/step_clock.py TICKS_FILE path/to/generate.py ...
+    python benchmarks/step_clock.py TICKS_FILE TOTAL path/to/train.py --flag ...
+    torchrun --standalone --nproc_per_node 8 benchmarks/step_clock.py TICKS_FILE TOTAL path/to/generate.py ...
 
-TICKS_FILE gets one time.perf_counter() value in seconds per line, flushed as it happens, from the
-main process only (RANK 0 or unset). A tick is a `tqdm.update` call (train.py's step bar, both
-repositories) or the start of a loop iteration over a tqdm (generate.py's batch loop, both): the
-time between two ticks is one step of the script, whatever it does in it. The script runs with its
-own folder as sys.path[0], as `python script.py` would.
+The bar timed is the first that ticks with `total` TOTAL: train.py's step bar (total: the steps to
+run) or generate.py's batch loop (total: this process's batches), in both repositories; other bars,
+such as those torch.compile's workers may show, are left out. TICKS_FILE gets one
+time.perf_counter() value in seconds per line, flushed as it happens, from the main process only
+(RANK 0 or unset). A tick is a `tqdm.update` call (a step has ended) or, for a loop over a tqdm,
+the start of each iteration and the end of the loop: the time between two ticks is one step of
+the script, whatever it does in it. The script runs with its own folder as sys.path[0], as
+`python script.py` would.
 """
 import os
 import runpy
@@ -21,14 +24,14 @@ import tqdm.std
 
 
 class TickLog:
-    """Appends a line per tick of the first bar that ticks; other bars are ignored."""
+    """Appends a line per tick of the first bar of `total` items that ticks; other bars are ignored."""
 
-    def __init__(self, path):
+    def __init__(self, path, total):
         self.file = open(path, "w") if os.environ.get("RANK", "0") == "0" else None  # open for the whole run
-        self.bar = None
+        self.total, self.bar = total, None
 
     def __call__(self, bar):
-        if self.file is None:
+        if self.file is None or bar.total != self.total:
             return
         if self.bar is None:
             self.bar = bar  # held, so that no later bar can reuse its id
@@ -53,6 +56,7 @@ def install(ticks):
             for item in iterate(self):
                 ticks(self)
                 yield item
+            ticks(self)  # the end of the last iteration
         finally:
             iterating.discard(id(self))
 
@@ -60,11 +64,11 @@ def install(ticks):
 
 
 def main():
-    if len(sys.argv) < 3:
-        sys.exit(f"usage: {sys.argv[0]} TICKS_FILE SCRIPT [ARGS...]")
-    ticks_file, script = sys.argv[1], Path(sys.argv[2]).resolve()
-    install(TickLog(ticks_file))
-    sys.argv = [str(script), *sys.argv[3:]]
+    if len(sys.argv) < 4:
+        sys.exit(f"usage: {sys.argv[0]} TICKS_FILE TOTAL SCRIPT [ARGS...]")
+    ticks_file, total, script = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]).resolve()
+    install(TickLog(ticks_file, total))
+    sys.argv = [str(script), *sys.argv[4:]]
     sys.path[0] = str(script.parent)
     runpy.run_path(str(script), run_name="__main__")
 

@@ -22,9 +22,10 @@ GPU, so on a CPU only ours runs): generate.py with gen.sh's SDE flags (CFG 1.8 o
 randomly initialised model's weights under "ema" (the speed does not depend on the values).
 
 Every run goes through benchmarks/step_clock.py, which times the ticks of the script's own
-progress bar (a training step, a sampling batch). The table gives, per run, the median interval
-between ticks after the first --warmup steps (--sample-warmup batches), the images per second it
-implies (global batch / median interval) and the ratio to the released run. Ours runs with its
+progress bar (the end of each training step; the start of each sampling batch and the end of the
+last). The table gives, per run, the median interval between ticks after the first --warmup
+intervals (steps 2 to --warmup + 1; --sample-warmup batches), the images per second it implies
+(global batch / median interval) and the ratio to the released run. Ours runs with its
 defaults (on CUDA compiled, see train.py --compile), plus one row per --train-variant and
 --sample-variant.
 """
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     for tree in ("SiT-SRA", "DiT-SRA"):
         if not (args.released_dir / tree / "train.py").is_file():
             p.error(f"{args.released_dir}: no {tree}/train.py; pass a checkout of the released repository")
-    if args.warmup >= args.train_steps - 1 or (args.sample_batches and args.sample_warmup >= args.sample_batches - 1):
+    if args.warmup >= args.train_steps - 1 or (args.sample_batches and args.sample_warmup >= args.sample_batches):
         p.error("--warmup (--sample-warmup) must leave at least two steps (batches) to time")
     return args
 
@@ -165,11 +166,11 @@ class Runner:
     def __init__(self, args, env, logs):
         self.args, self.env, self.logs = args, env, logs
 
-    def __call__(self, name, python, tree_dir, script, argv, warmup, images_per_tick):
+    def __call__(self, name, python, tree_dir, script, argv, ticks_total, warmup, images_per_tick):
         ticks, log = self.logs / f"{name}.ticks", self.logs / f"{name}.log"
         launch = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                   str(self.args.nproc)] if self.args.nproc > 1 or script == "generate.py" else [python]
-        cmd = [*launch, str(CLOCK), str(ticks), script, *argv]
+        cmd = [*launch, str(CLOCK), str(ticks), str(ticks_total), script, *argv]
         print(f"[{name}] cd {tree_dir} && {' '.join(cmd)}", file=sys.stderr, flush=True)
         with open(log, "w") as out:
             try:
@@ -239,8 +240,8 @@ def main(args):
         for name, extra in [("released", []), ("ours", []), *(("ours " + v, v.split()) for v in args.train_variant)]:
             out = work / "runs" / f"train_{tag}_{len(runs)}"
             argv = training_argv(args, model, data, out) + extra
-            runs.append((name, run(f"train_{tag}_{len(runs)}", pythons[name.split()[0]], trees[name.split()[0]], "train.py", argv, args.warmup,
-                                   global_batch)))
+            runs.append((name, run(f"train_{tag}_{len(runs)}", pythons[name.split()[0]], trees[name.split()[0]], "train.py", argv,
+                                   args.train_steps, args.warmup, global_batch)))
         works.append((f"{model} train, {args.resolution} px, {args.mixed_precision}, batch {global_batch}, blocks "
                       f"{s}->{t}, {args.train_steps} steps", runs))
         if family != "SiT" or args.sample_batches == 0:
@@ -253,8 +254,8 @@ def main(args):
                 continue
             argv = sampling_argv(args, model, ckpt, work / "runs" / f"sample_{tag}_{len(runs)}") + extra
             runs.append((name, run(f"sample_{tag}_{len(runs)}", pythons[name.split()[0]], trees[name.split()[0]],
-                                   "generate.py", argv,
-                                   args.sample_warmup, args.sample_batch * args.nproc)))
+                                   "generate.py", argv, args.sample_batches, args.sample_warmup,
+                                   args.sample_batch * args.nproc)))
         works.append((f"{model} sampling, SDE {args.sample_steps} steps, CFG 1.8 on t <= 0.7, batch "
                       f"{args.sample_batch * args.nproc}", runs))
     print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; released code: "
