@@ -76,7 +76,9 @@ part inception "$python" evaluations/bench_inception.py --device cuda --inceptio
 
 if [ -n "${RELEASED_DIR:-}" ]; then
   read -r -a released_extra <<< "${VS_RELEASED_FLAGS:-}"
+  # its own budget ends 30 s before the check's, so that it prints the runs that finished
   part vs_released env PYTHON="$python" bash benchmarks/vs_released.sh "$RELEASED_DIR" \
+    --budget-s $((budget - (SECONDS - start) - 30)) \
     --released-python "${RELEASED_PYTHON:-$python}" --train-steps 20 --warmup 5 --sample-batches 3 \
     --train-variant=--no-compile --sample-variant="--precision bf16" --workdir "$out/vs_released" --keep \
     "${released_extra[@]}" || status=1

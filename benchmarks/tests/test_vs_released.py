@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import BENCHMARKS
 from vs_released import markdown_table, offline_hub, summary, write_latents
 
@@ -89,3 +90,17 @@ def test_vs_released_runs_both_repositories_at_tiny_settings(tmp_path):
                          rf"\|  \| ours \| {number} \| [0-9.]+x \|$", result.stdout, re.M), result.stdout
     assert re.search(r"^\|  \| ours \| [0-9.]+ \| [0-9.]+ ms \(median of 2\) \| - \|$", result.stdout, re.M)
     assert "not run: the released generate.py asserts a GPU" in result.stdout
+
+
+def test_budget_spent_leaves_rows_that_say_so(tmp_path):
+    """With --budget-s spent before the first run, every row says so and the exit status is 1 (this repository
+    stands in for the released one: nothing of it runs)."""
+    result = subprocess.run(["bash", str(BENCHMARKS / "vs_released.sh"), str(REPO), "--models", "SiT-B/8",
+                             "--batch-size", "1", "--train-steps", "3", "--warmup", "1", "--budget-s", "0", "--workdir",
+                             str(tmp_path)], env={**ENV, "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| work |" not in line]
+    spent = [row for row in rows if "| not run: the --budget-s 0 s were spent |" in row]
+    assert len(rows) == 4 and len(spent) == (4 if torch.cuda.is_available() else 3), result.stdout  # on a CPU the
+    # released sampler's row says it needs a GPU
