@@ -5,9 +5,10 @@ released scripts and ours.
     python benchmarks/step_clock.py TICKS_FILE TOTAL path/to/train.py --flag ...
     torchrun --standalone --nproc_per_node 8 benchmarks/step_clock.py TICKS_FILE TOTAL path/to/generate.py ...
 
-The bar timed is the first that ticks with `total` TOTAL: train.py's step bar (total: the steps to
-run) or generate.py's batch loop (total: this process's batches), in both repositories; other bars,
-such as those torch.compile's workers may show, are left out. TICKS_FILE gets one
+The bar timed is the first one created with `total` TOTAL: train.py's step bar (total: the steps
+to run) or generate.py's batch loop (total: this process's batches), in both repositories, which
+both create it before their first step; later bars, such as those torch.compile shows while it
+builds kernels during the first step, are left out. TICKS_FILE gets one
 time.perf_counter() value in seconds per line, flushed as it happens, from the main process only
 (RANK 0 or unset). A tick is a `tqdm.update` call (a step has ended) or, for a loop over a tqdm,
 the start of each iteration and the end of the loop: the time between two ticks is one step of
@@ -24,25 +25,30 @@ import tqdm.std
 
 
 class TickLog:
-    """Appends a line per tick of the first bar of `total` items that ticks; other bars are ignored."""
+    """Appends a line per tick of the first bar created with `total` items; other bars are ignored."""
 
     def __init__(self, path, total):
         self.file = open(path, "w") if os.environ.get("RANK", "0") == "0" else None  # open for the whole run
         self.total, self.bar = total, None
 
+    def created(self, bar):
+        if self.bar is None and bar.total == self.total:
+            self.bar = bar
+
     def __call__(self, bar):
-        if self.file is None or bar.total != self.total:
-            return
-        if self.bar is None:
-            self.bar = bar  # held, so that no later bar can reuse its id
-        if bar is self.bar:
+        if self.file is not None and bar is self.bar:
             self.file.write(f"{time.perf_counter():.6f}\n")
             self.file.flush()
 
 
 def install(ticks):
-    """Wraps tqdm's update and iteration (tqdm.auto's and tqdm's bars are both tqdm.std.tqdm) so that each calls `ticks`."""
-    update, iterate = tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__
+    """Wraps tqdm's constructor, update and iteration (tqdm.auto's and tqdm's bars are both tqdm.std.tqdm) so that
+    `ticks` sees every bar created and every tick."""
+    init, update, iterate = tqdm.std.tqdm.__init__, tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__
+
+    def recorded_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        ticks.created(self)
     iterating = set()  # bars inside __iter__, which calls update itself to redraw
 
     def ticking_update(self, n=1):
@@ -60,7 +66,7 @@ def install(ticks):
         finally:
             iterating.discard(id(self))
 
-    tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__ = ticking_update, ticking_iter
+    tqdm.std.tqdm.__init__, tqdm.std.tqdm.update, tqdm.std.tqdm.__iter__ = recorded_init, ticking_update, ticking_iter
 
 
 def main():
