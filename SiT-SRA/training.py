@@ -131,8 +131,8 @@ def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, ali
 
 def compile_by_default(device):
     """--compile's default on `device` (a torch.device): on for CUDA, where the compiled step is
-    faster once its kernels are built; off elsewhere (on a CPU the build takes minutes for a few
-    percent)."""
+    faster once its kernels are built; off elsewhere (on a CPU it gained a few percent per step in
+    benchmarks/README.md, for a first step that builds C++ kernels)."""
     return device.type == "cuda"
 
 
@@ -149,7 +149,7 @@ def compile_prerequisite_problem(device):
             return "torch.compile needs Triton on CUDA and it is not installed"
         try:
             get_interface_for_device("cuda").raise_if_triton_unavailable(device)
-        except RuntimeError as e:
+        except (ImportError, RuntimeError) as e:
             return f"torch.compile cannot use Triton on {torch.cuda.get_device_name(device)}: {e}"
         return None
     try:
