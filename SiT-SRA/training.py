@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,48 @@ def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, ali
     return denoising, align, grad_norm
 
 
+def compile_by_default(device):
+    """--compile's default on `device` (a torch.device): on for CUDA, where the compiled step is
+    faster once its kernels are built; off elsewhere (on a CPU it gained a few percent per step in
+    benchmarks/README.md, for a first step that builds C++ kernels)."""
+    return device.type == "cuda"
+
+
+def compile_prerequisite_problem(device):
+    """Why torch.compile's default backend (inductor) cannot build kernels for `device`, or None:
+    on CUDA it needs Triton and a GPU Triton supports, on a CPU a working C++ compiler."""
+    from torch._dynamo.device_interface import get_interface_for_device
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+    from torch.utils._triton import has_triton_package
+
+    if device.type == "cuda":
+        if not has_triton_package():
+            return "torch.compile needs Triton on CUDA and it is not installed"
+        try:
+            get_interface_for_device("cuda").raise_if_triton_unavailable(device)
+        except (ImportError, RuntimeError) as e:
+            return f"torch.compile cannot use Triton on {torch.cuda.get_device_name(device)}: {e}"
+        return None
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as e:
+        return f"torch.compile needs a C++ compiler on the CPU: {e}"
+    return None
+
+
+def resolve_compile(args, device):
+    """Sets args.compile (None: `compile_by_default`) and returns it; raises UserError naming
+    --no-compile when torch.compile cannot work on `device`, rather than running eagerly."""
+    if args.compile is None:
+        args.compile = compile_by_default(device)
+    if args.compile:
+        problem = compile_prerequisite_problem(device)
+        if problem:
+            raise UserError(f"--compile: {problem}; train without compiling with --no-compile")
+    return args.compile
+
+
 def compile_models(model, ema):
     """torch.compile, in place, the student's forward and the EMA teacher's `features`.
 
@@ -206,8 +249,9 @@ def add_training_flags(p, models, default_model):
                    help="accepted for `python -m torch.distributed.launch`; accelerate reads LOCAL_RANK itself")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
                    help="EMA decay per step; the EMA is the sampled model and the SRA teacher")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student's forward and the teacher's features (slower start, faster steps)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the student's forward and the teacher's features (slower first step, faster "
+                        "steps); default: on when the device is CUDA")
     p.add_argument("--skip-nonfinite", type=non_negative_int, default=0,
                    help="steps with a non-finite loss to skip before stopping")
     # SRA
@@ -368,7 +412,8 @@ class Trainer:
         if ckpt is not None:
             load_weights(self.ema.model, ckpt["ema"], self.resume_source, self.resume_hint)
         self.saved_rng = ckpt.get("rng") if ckpt is not None else None
-        if args.compile:
+        self.compiling = resolve_compile(args, accelerator.device)  # until the first step has built the kernels
+        if self.compiling:
             compile_models(self.raw_model, self.ema.model)
 
     def resume(self, model, optimizer):
@@ -464,6 +509,29 @@ class Trainer:
         self.accelerator.end_training()
         self.logger.info(f"done: {self.steps} steps, checkpoints in {self.checkpoint_dir}")
 
+    def step(self, loss_fn, moments, labels, align_w):
+        """`train_step`. In a compiled run the first call, in which torch.compile builds the kernels,
+        is timed and logged, and a compile failure ends the run with one line naming --no-compile."""
+        args, accelerator = self.args, self.accelerator
+        step = lambda: train_step(accelerator, self.model, self.optimizer, loss_fn, self.ema, moments, labels,
+                                  align_w, args.max_grad_norm)
+        if not self.compiling:
+            return step()
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        start = time.perf_counter()
+        try:
+            losses = step()
+        except BackendCompilerFailed as e:
+            reason = str(e).strip().splitlines()[0]
+            raise UserError(f"--compile: torch.compile failed ({reason}); train without compiling with "
+                            "--no-compile") from None
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+        self.compiling = False
+        self.logger.info(f"first step, compiling included: {time.perf_counter() - start:.1f} s")
+        return losses
+
     def run_epoch(self, loss_fn, align_w, max_steps, stop, after_step):
         """Steps through the rest of this epoch; returns "stopped", "finished", or None at its end. An epoch that
         ends writes epoch-E.pt every --checkpoint-epochs epochs, named and recorded as released: E is the 0-based
@@ -474,8 +542,7 @@ class Trainer:
         for moments, labels in self.loader:
             moments = moments.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
-            losses = train_step(accelerator, self.model, self.optimizer, loss_fn, self.ema, moments, labels, align_w,
-                                args.max_grad_norm)
+            losses = self.step(loss_fn, moments, labels, align_w)
             self.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue

@@ -26,6 +26,11 @@ The same count (the FLOPs the method needs) is used for both modes, so the refer
 teacher blocks and attention recomputation are not counted. MFU = FLOPs per step x steps/s /
 --peak-tflops (default: H100 SXM dense bf16, 989 TFLOP/s), printed on GPU only.
 
+Graph breaks: `torch._dynamo.explain` of what `training.compile_models` compiles, the student's
+forward as the loss calls it and the teacher's `features`, on this batch (printed before warm-up;
+0 means each compiles into one graph). Host-device syncs: one step of each mode under torch's CUDA
+sync debug mode (GPU only; n/a on a CPU, where host and device are one).
+
 Peak memory: on GPU, the peak allocated during a mode's timed steps minus the other mode's
 resident state (weights, EMA, optimizer state); on CPU, the process's maximum RSS (both modes).
 """
@@ -126,6 +131,25 @@ def host_syncs(step):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def graph_breaks(mode, moments, labels):
+    """{compiled function: (graphs, graph breaks, break reasons)} that `torch._dynamo.explain` finds in
+    what `training.compile_models` compiles, called as the loss calls them: the student's forward
+    with align_depth (under autocast) and the teacher's `features` (also under no_grad). Runs before
+    any compiled call: explain resets dynamo's caches."""
+    x, t = moments[:, :4], torch.rand(moments.shape[0], device=moments.device)
+    loss_fn, student, teacher = mode.loss_fn, mode.raw_model, mode.ema_model
+    calls = {"student forward": lambda: torch._dynamo.explain(student.forward)(x, t, labels,
+                                                                             align_depth=loss_fn.block_out_s),
+             "teacher features": lambda: torch._dynamo.explain(type(teacher).features.__get__(teacher))(
+                 x, t, labels, depth=loss_fn.block_out_t)}
+    found = {}
+    for name, explain in calls.items():
+        with mode.accelerator.autocast(), torch.set_grad_enabled(name == "student forward"):
+            result = explain()
+        found[name] = (result.graph_count, result.graph_break_count, [str(r.reason) for r in result.break_reasons])
+    return found
 
 
 def tensor_bytes(tensors):
@@ -259,6 +283,17 @@ def main(args):
           f"{' ' + torch.cuda.get_device_name(device) if cuda else ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model FLOPs per step {flops / 1e12:.4f} TFLOP", flush=True)
 
+    if torch._dynamo.config.disable:  # TORCH_COMPILE_DISABLE=1: dynamo traces nothing
+        print("graph breaks (torch._dynamo.explain) in ours' compiled functions: n/a (dynamo disabled)")
+    else:
+        breaks = graph_breaks(modes["ours"], moments, labels)
+        print("graph breaks (torch._dynamo.explain) in ours' compiled functions: " + ", ".join(
+            f"{name} {n_breaks} ({graphs} graph{'s' if graphs != 1 else ''})"
+            for name, (graphs, n_breaks, _) in breaks.items()), flush=True)
+        for name, (_, _, reasons) in breaks.items():
+            for reason in reasons:
+                print(f"  {name}: {reason}")
+
     for mode in modes.values():
         sync()
         start = time.perf_counter()
@@ -312,6 +347,8 @@ def main(args):
         if cuda:
             where = ", ".join(f"{place} x{n}" for place, n in Counter(mode.syncs).most_common())
             print(f"host-device syncs in one {mode.name} step: {len(mode.syncs)}{' (' + where + ')' if where else ''}")
+        else:
+            print(f"host-device syncs in one {mode.name} step: n/a on a CPU (counted on CUDA only)")
 
 
 if __name__ == "__main__":
