@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils._triton import has_triton
 from tqdm import tqdm
 
-from utils import (UserError, check_shared_folder, check_writable, load_checkpoint, load_vae, load_weights,
-                   model_state_dict, with_own_head)
+from utils import (UserError, check_shared_folder, check_writable, compile_by_default, compile_prerequisite_problem,
+                   load_checkpoint, load_vae, load_weights, model_state_dict, with_own_head)
 
 SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRIDE + i (see the module docstring)
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
@@ -290,11 +289,11 @@ def compile_call(fn, device, enabled):
     GPU, no C++ compiler for the CPU, a graph it cannot capture) the run stops with a UserError naming --no-compile:
     never an eager fallback.
     """
-    if not (device.type == "cuda" if enabled is None else enabled):
+    if not (compile_by_default(device) if enabled is None else enabled):
         return fn
-    if device.type == "cuda" and not has_triton():
-        raise UserError("--compile: torch.compile needs Triton for this GPU, which is not installed or does not "
-                        "support it; use --no-compile")
+    problem = compile_prerequisite_problem(device)
+    if problem:
+        raise UserError(f"--compile: {problem}; use --no-compile")
     # Past the recompile limit dynamo would run the call eagerly without a word; fail instead.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     compiled = torch.compile(fn, dynamic=False, fullgraph=True)

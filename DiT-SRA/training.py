@@ -24,7 +24,8 @@ from tqdm import tqdm
 from alignment import align_weight
 from checkpoints import load_optimizer_state, resolve_resume, rng_state, set_rng_state, write_checkpoint
 from dataset import LatentDataset, sample_posterior
-from utils import UserError, check_shared_folder, check_writable, load_checkpoint, load_weights, non_negative_int, positive_int
+from utils import (UserError, check_shared_folder, check_writable, compile_by_default, compile_prerequisite_problem,
+                   load_checkpoint, load_weights, non_negative_int, positive_int)
 
 EMA_DECAY = 0.9999
 
@@ -130,36 +131,6 @@ def train_step(accelerator, model, optimizer, loss_fn, ema, moments, labels, ali
     if accelerator.sync_gradients:
         ema.update()
     return denoising, align, grad_norm
-
-
-def compile_by_default(device):
-    """--compile's default on `device` (a torch.device): on for CUDA, where the compiled step is
-    faster once its kernels are built; off elsewhere (on a CPU it gained a few percent per step in
-    benchmarks/README.md, for a first step that builds C++ kernels)."""
-    return device.type == "cuda"
-
-
-def compile_prerequisite_problem(device):
-    """Why torch.compile's default backend (inductor) cannot build kernels for `device`, or None:
-    on CUDA it needs Triton and a GPU Triton supports, on a CPU a working C++ compiler."""
-    from torch._dynamo.device_interface import get_interface_for_device
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-    from torch.utils._triton import has_triton_package
-
-    if device.type == "cuda":
-        if not has_triton_package():
-            return "torch.compile needs Triton on CUDA and it is not installed"
-        try:
-            get_interface_for_device("cuda").raise_if_triton_unavailable(device)
-        except (ImportError, RuntimeError) as e:
-            return f"torch.compile cannot use Triton on {torch.cuda.get_device_name(device)}: {e}"
-        return None
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler as e:
-        return f"torch.compile needs a C++ compiler on the CPU: {e}"
-    return None
 
 
 def resolve_compile(args, device):

@@ -36,10 +36,11 @@ def test_compile_is_on_by_default_with_cuda_and_off_on_cpu(monkeypatch):
     def fn(x):
         return x
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name only: nothing runs on it
-    monkeypatch.setattr(sampling_io, "has_triton", lambda: True)
+    monkeypatch.setattr(sampling_io, "compile_prerequisite_problem", lambda device: None)
     assert sampling_io.compile_call(fn, cpu, None) is fn and sampling_io.compile_call(fn, cuda, False) is fn
     assert sampling_io.compile_call(fn, cuda, None) is not fn and sampling_io.compile_call(fn, cpu, True) is not fn
-    monkeypatch.setattr(sampling_io, "has_triton", lambda: False)
+    monkeypatch.setattr(sampling_io, "compile_prerequisite_problem",
+                        lambda device: "torch.compile needs Triton on CUDA and it is not installed")
     with pytest.raises(UserError, match="Triton.*use --no-compile"):
         sampling_io.compile_call(fn, cuda, None)
     assert sampling_io.compile_call(fn, cuda, False) is fn

@@ -17,8 +17,8 @@ import torch._inductor.config
 from conftest import MODELS, TINY_MODEL, run_script
 from test_train import checkpoint, loss_log, train_args
 from test_train_resume import DIST_ENV, torchrun
-from training import compile_by_default, compile_prerequisite_problem, resolve_compile
-from utils import UserError
+from training import resolve_compile
+from utils import UserError, compile_by_default, compile_prerequisite_problem
 
 COMPILED = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager", "TORCH_LOGS": "dynamo"}
 NO_CXX = {"CXX": "/no/such/dir/g++"}  # inductor's compiler for CPU kernels (torch._inductor.config.cpp.cxx)
