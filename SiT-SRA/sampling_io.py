@@ -289,8 +289,8 @@ def compile_call(fn, device, enabled):
     GPU, no C++ compiler for the CPU, a graph it cannot capture) the run stops with a UserError naming --no-compile:
     never an eager fallback.
     """
-    if not (compile_by_default(device) if enabled is None else enabled):
-        return fn
+    if not (compile_by_default(device) if enabled is None else enabled) or torch._dynamo.config.disable:
+        return fn  # config.disable: TORCH_COMPILE_DISABLE=1, torch's own off switch (fullgraph would make it an error)
     problem = compile_prerequisite_problem(device)
     if problem:
         raise UserError(f"--compile: {problem}; use --no-compile")

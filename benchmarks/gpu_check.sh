@@ -8,14 +8,15 @@
 #   sampling   bench_sample.py, SiT-XL/2 SDE with gen.sh's guidance (CFG 1.8 on t <= 0.7), 50 steps, batch 64:
 #              fp32 against the released loop, then ours alone in bf16 and compiled fp32
 #   inception  evaluations/bench_inception.py on the GPU (INCEPTION_WEIGHTS, else torch-fidelity's cached file,
-#              else random weights in its format: the values do not change the speed)
+#              else --random-weights: the values do not change the speed), then the evaluator's precision/recall
+#              of 50,000 x 50,000 features on the GPU (evaluations/bench_precision_recall.py)
 #   released   vs_released.sh "$RELEASED_DIR" when RELEASED_DIR is set (RELEASED_PYTHON: its environment's Python)
 #
 #   bash benchmarks/gpu_check.sh                          # writes into $OUT if set, else /tmp/sra_gpu_check/
 #   RELEASED_DIR=~/SRA PYTHON=/path/to/python3 bash benchmarks/gpu_check.sh
 #   bash benchmarks/gpu_check.sh --model SiT-T/2 ...      # extra flags override the training runs' (tiny on a CPU
-#                                                         # in the test, with SAMPLE_FLAGS, INCEPTION_FLAGS and
-#                                                         # VS_RELEASED_FLAGS for the other parts)
+#                                                         # in the test, with SAMPLE_FLAGS, INCEPTION_FLAGS, PR_FLAGS
+#                                                         # and VS_RELEASED_FLAGS for the other parts)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/sra_gpu_check}
@@ -57,22 +58,14 @@ part sample_compiled "$python" benchmarks/bench_sample.py "${sample[@]}" --preci
 
 weights=${INCEPTION_WEIGHTS:-$("$python" -c "import sys; sys.path.insert(0, 'evaluations')
 from inception import default_weights_path; print(default_weights_path())")}
-if [ ! -f "$weights" ]; then
-  weights=$out/inception-random-weights.pth
-  "$python" - "$weights" <<'EOF'
-import sys
-
-import torch
-
-sys.path[:0] = ["evaluations", "evaluations/tests"]
-from conftest import random_inception_state_dict  # noqa: E402 (the evaluator tests' weights in torch-fidelity's format)
-
-torch.save(random_inception_state_dict(), sys.argv[1])
-EOF
-fi
+weights_flags=(--random-weights)
+[ -f "$weights" ] && weights_flags=(--inception-weights "$weights")
 read -r -a inception_extra <<< "${INCEPTION_FLAGS:-}"
-part inception "$python" evaluations/bench_inception.py --device cuda --inception-weights "$weights" \
-  "${inception_extra[@]}" || status=1
+part inception "$python" evaluations/bench_inception.py --device cuda "${weights_flags[@]}" "${inception_extra[@]}" \
+  || status=1
+read -r -a pr_extra <<< "${PR_FLAGS:-}"
+part precision_recall "$python" evaluations/bench_precision_recall.py --device cuda --ref 50000 --samples 50000 \
+  --repeats 1 "${pr_extra[@]}" || status=1
 
 if [ -n "${RELEASED_DIR:-}" ]; then
   read -r -a released_extra <<< "${VS_RELEASED_FLAGS:-}"

@@ -4,7 +4,8 @@
 
 Reads OUT_DIR/train_eager.txt and train_compiled.txt (bench_train.py), sample_fp32.txt, sample_bf16.txt and
 sample_compiled.txt (bench_sample.py; the bf16 and compiled runs time ours only and are compared with the fp32
-run's reference), inception.txt (evaluations/bench_inception.py) and vs_released.txt (vs_released.py's table,
+run's reference), inception.txt (evaluations/bench_inception.py), precision_recall.txt
+(evaluations/bench_precision_recall.py) and vs_released.txt (vs_released.py's table,
 whose rows are taken over as they are). A report that is missing, or holds no result, gives a row saying so and
 naming its file.
 """
@@ -57,6 +58,14 @@ def inception_row(text):
     return ("evaluator's Inception pass", "ours", match.group(2), "-", f"{match.group(1)}; inception.txt")
 
 
+def precision_recall_row(text):
+    match = re.search(rf"^precision/recall (.*): {NUMBER} s \((.*)\)$", text, re.M)
+    if not match:
+        return ("evaluator's precision/recall", "-", "-", "-", "no result, see precision_recall.txt")
+    return ("evaluator's precision/recall", "ours", "-", "-",
+            f"{match.group(2)} s for {match.group(1)} ({match.group(3)}); precision_recall.txt")
+
+
 def vs_released_rows(text):
     rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")
             and not line.startswith("| work ")]
@@ -74,7 +83,8 @@ def table(folder):
                         sample_reference),
             *bench_rows(read(folder, "sample_compiled.txt"), "sample_compiled.txt",
                         "sampling, fp32 compiled (bench_sample.py)", sample_reference),
-            inception_row(read(folder, "inception.txt"))]
+            inception_row(read(folder, "inception.txt")),
+            precision_recall_row(read(folder, "precision_recall.txt"))]
     released = read(folder, "vs_released.txt")
     if released:
         rows += vs_released_rows(released) or [("vs released", "-", "-", "-", "no table, see vs_released.txt")]

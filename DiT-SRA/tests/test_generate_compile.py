@@ -44,6 +44,8 @@ def test_compile_is_on_by_default_with_cuda_and_off_on_cpu(monkeypatch):
     with pytest.raises(UserError, match="Triton.*use --no-compile"):
         sampling_io.compile_call(fn, cuda, None)
     assert sampling_io.compile_call(fn, cuda, False) is fn
+    with torch._dynamo.config.patch(disable=True):  # TORCH_COMPILE_DISABLE=1: torch's switch wins, no fullgraph error
+        assert sampling_io.compile_call(fn, cpu, True) is fn
 
 
 def test_a_250_step_run_compiles_once_per_batch_shape(ckpt, tiny_vae_dir, tmp_path):
@@ -62,12 +64,22 @@ def test_the_padded_last_batch_reuses_the_graphs_and_the_samples_are_the_eager_o
     assert images.shape[0] == N and np.array_equal(images, np.load(base_run[0])["arr_0"])  # aot_eager: same kernels
 
 
-def test_a_compile_failure_ends_with_one_line_naming_no_compile(ckpt, tiny_vae_dir, tmp_path):
-    # Inductor builds its CPU kernels with $CXX; an empty cache dir makes it build them rather than reuse old ones.
-    env = {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+@pytest.mark.parametrize("compiler, message", [
+    ("missing", "error: --compile: torch.compile needs a C++ compiler on the CPU"),  # found before any sampling
+    ("builds nothing", "error: --compile: torch.compile failed ("),  # inductor's build fails in the first call
+])
+def test_a_compile_failure_ends_with_one_line_naming_no_compile(ckpt, tiny_vae_dir, tmp_path, compiler, message):
+    """Inductor builds its CPU kernels with $CXX (a private cache, so none comes from an earlier run): a compiler
+    that is not there, or one that answers --version but builds nothing."""
+    cxx = tmp_path / "g++"
+    if compiler == "builds nothing":
+        cxx.write_text('#!/bin/sh\nif [ "$1" = --version ]; then exec g++ --version; fi\n'
+                       'echo "g++: fatal error: this compiler builds nothing" >&2\nexit 1\n')
+        cxx.chmod(0o755)
+    env = {"CXX": str(cxx), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = run_script(*generate_argv(ckpt, tmp_path / "samples", tiny_vae_dir, "--compile"), env=env, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
-    assert lines[-1].startswith("error: --compile: torch.compile failed") and "use --no-compile" in lines[-1]
+    assert lines[-1].startswith(message) and lines[-1].endswith("use --no-compile"), lines[-1]
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "samples").glob("*.npz"))

@@ -31,12 +31,13 @@ def test_gpu_check_script_writes_one_table_of_every_part_into_out(tmp_path):
     """The prepared GPU run (one try on a lent GPU is all a session gets), end to end at tiny settings on the CPU:
     its flags parse, every part (training eager and compiled, sampling fp32, bf16 and compiled, the Inception
     pass, and vs_released.sh when SRA_RELEASED_DIR is set) finishes, and OUT holds the reports and one table of
-    them. TORCH_COMPILE_DISABLE makes torch.compile a no-op here (a cold compile would add minutes); compiled
-    steps are tested in the trees' test_train_compile.py and in test_reference_step.py."""
+    them, with the evaluator's precision/recall. TORCH_COMPILE_DISABLE makes torch.compile a no-op here (a cold compile
+    would add minutes); compiled steps are tested in the trees' test_train_compile.py and test_reference_step.py."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "TORCH_COMPILE_DISABLE": "1", "BUDGET_S": "1500",
            "SAMPLE_FLAGS": "--model SiT-T/2 --resolution 32 --threads 1 --num-samples 2 --num-steps 3 --warmup-steps 1",
-           "INCEPTION_FLAGS": "--device cpu --threads 1 --batch-size 2 --batches 1 --resolution 32"}
+           "INCEPTION_FLAGS": "--device cpu --threads 1 --batch-size 2 --batches 1 --resolution 32",
+           "PR_FLAGS": "--device cpu --threads 1 --ref 40 --samples 30"}
     released = os.environ.get("SRA_RELEASED_DIR")
     if released:
         env.update(RELEASED_DIR=released, RELEASED_PYTHON=os.environ.get("SRA_RELEASED_PYTHON", sys.executable),
@@ -63,7 +64,10 @@ def test_gpu_check_script_writes_one_table_of_every_part_into_out(tmp_path):
     for part, file in (("sampling, bf16", "sample_bf16.txt"), ("sampling, fp32 compiled", "sample_compiled.txt")):
         assert re.search(rf"^\| {part} \(bench_sample.py\) \| ours \| {number} \| {number}x \| {file} \|$",
                          table, re.M), table  # compared with the fp32 run's reference
-    assert re.search(rf"^\| evaluator's Inception pass \| ours \| {number} \| - \| cpu, .*; inception.txt \|$",
+    assert re.search(rf"^\| evaluator's Inception pass \| ours \| {number} \| - \| Inception pass on cpu \(.*\); inception.txt \|$",
+                     table, re.M), table
+    assert re.search(rf"^\| evaluator's precision/recall \| ours \| - \| - \| {number} s for 40 x 30 x 2048 on cpu "
+                     rf"\(1 CPU threads\) \(precision {number}, recall {number}\); precision_recall.txt \|$",
                      table, re.M), table
     if released:
         assert re.search(rf"^\| vs released: DiT-S/8 train, .* \| released \| {number} \| 1.00x \| median step "
