@@ -16,6 +16,10 @@ from PIL import Image
 
 LATENT_SCALE = 0.18215
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+RELEASED_REPO = "DyJiang/SRA"  # the authors' Hugging Face repository of the released checkpoints
+# The released checkpoints by name, with the settings that build their model (the released README's table).
+RELEASED_CHECKPOINTS = {"sitxl-sra-res256-ep800.pt": {"model": "SiT-XL/2", "resolution": 256, "num_classes": 1000},
+                        "sitxl-sra-res512-ep400.pt": {"model": "SiT-XL/2", "resolution": 512, "num_classes": 1000}}
 
 
 class UserError(Exception):
@@ -66,6 +70,28 @@ def load_checkpoint(path, flag="--ckpt"):
     except (RuntimeError, EOFError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+
+
+def checkpoint_file(ckpt, flag="--ckpt"):
+    """The file of --ckpt: an existing path as given; a released name (RELEASED_CHECKPOINTS) that is not one is
+    downloaded once from the Hugging Face repository RELEASED_REPO into the hub cache (HF_HOME, HF_HUB_CACHE), which
+    later runs read without the network. Offline or with the hub unreachable, a one-line UserError."""
+    name = Path(ckpt).name
+    if Path(ckpt).exists() or ckpt != name or name not in RELEASED_CHECKPOINTS:
+        return Path(ckpt)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its warning per retry would spread the one-line error over many lines
+    try:
+        return Path(hf_hub_download(RELEASED_REPO, name))
+    except OSError as e:  # huggingface_hub's errors (offline, unreachable, HTTP) and the cache's are all OSErrors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} {name}: cannot download https://huggingface.co/{RELEASED_REPO}/resolve/main/{name} "
+                        f"({reason}); download it by hand and pass {flag} PATH") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def model_state_dict(checkpoint, key="ema"):

@@ -12,13 +12,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_argv, run_generate, run_script,
-                      sampling_model, the_npz, training_checkpoint)
+from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_argv, offline_hub_env, run_generate,
+                      run_script, sampling_model, serve_from_offline_hub, the_npz, training_checkpoint)
 from PIL import Image
 
 import generate
 import sampling_io
-from utils import load_checkpoint, run_main
+from utils import RELEASED_REPO, load_checkpoint, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +106,48 @@ def test_bare_state_dict_gives_the_samples_of_the_training_checkpoint(base_run, 
     torch.save(trained["ema"], bare)
     npz, _ = run_generate(bare, tmp_path / "samples", tiny_vae_dir)
     assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_a_released_name_samples_the_checkpoint_the_hub_cache_holds_under_it(base_run, ckpt, tiny_vae_dir, tmp_path):
+    """--ckpt sitxl-sra-res256-ep800.pt, no such file: the checkpoint a private offline hub cache serves under that
+    name gives the samples of the same file passed by path, byte for byte; its args (not the name's SiT-XL/2 at
+    256 px) set the model, the resolution and the classes."""
+    name = "sitxl-sra-res256-ep800.pt"
+    env = serve_from_offline_hub(tmp_path / "hub", RELEASED_REPO, name, ckpt)
+    flags = generate_argv(name, tmp_path / "samples", tiny_vae_dir)
+    for flag in ("--model", "--num-classes", "--resolution"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    run_script(*flags, env=env)
+    npz, _ = the_npz(tmp_path / "samples")
+    assert npz.name == base_run[0].name.replace("step-100", "sitxl-sra-res256-ep800")
+    assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_released_name_the_hub_cannot_serve_is_one_line_with_the_url(hub, tiny_vae_dir, tmp_path):
+    """An empty private cache, offline (HF_HUB_OFFLINE=1) or online with the hub at a closed loopback port."""
+    env = offline_hub_env(tmp_path / "hub")
+    if hub == "unreachable":
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    result = run_script(*generate_argv("sitxl-sra-res512-ep400.pt", tmp_path / "samples", tiny_vae_dir), env=env,
+                        check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --ckpt sitxl-sra-res512-ep400.pt: cannot download "
+                                    "https://huggingface.co/DyJiang/SRA/resolve/main/sitxl-sra-res512-ep400.pt (")
+    assert result.stderr.endswith("; download it by hand and pass --ckpt PATH\n")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_bare_state_dict_under_a_released_name_takes_the_names_settings(tmp_path):
+    """A released file downloaded by hand, if it held no args: SiT-XL/2, 512 px, 1000 classes (a flag still wins)."""
+    path = tmp_path / "sitxl-sra-res512-ep400.pt"
+    torch.save(sampling_model().state_dict(), path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes) == ("SiT-XL/2", 512, 1000)
+    args = generate.parse_args(["--ckpt", str(path), "--resolution", "256"])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert args.resolution == 256
 
 
 def test_two_processes_give_the_npz_of_one(base_run, ckpt, tiny_vae_dir, tmp_path):

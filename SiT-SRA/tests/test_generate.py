@@ -63,14 +63,17 @@ def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(tmp_pa
         generate.check_flags(args)
 
 
-@pytest.mark.parametrize("resolution, cfg", [("256", 1.8), ("512", 2.5)])
-def test_gen_sh_passes_the_released_settings(resolution, cfg, tmp_path):
-    """gen.sh with a stand-in torchrun that records its arguments; generate.py must accept them."""
+@pytest.mark.parametrize("resolution, cfg, released", [("256", 1.8, "sitxl-sra-res256-ep800.pt"),
+                                                       ("512", 2.5, "sitxl-sra-res512-ep400.pt")])
+def test_gen_sh_passes_the_released_settings(resolution, cfg, released, tmp_path):
+    """gen.sh with a stand-in torchrun that records its arguments; generate.py must accept them. Without CKPT it
+    samples the released checkpoint of the resolution, by name."""
     args = generate.parse_args(gen_sh_arguments(tmp_path, RESOLUTION=resolution, CKPT="my.pt"))
     generate.check_flags(args)
     assert (args.ckpt, args.model, args.resolution, args.vae, args.per_proc_batch_size, args.num_fid_samples,
             args.mode, args.num_steps, args.cfg_scale, args.guidance_low, args.guidance_high, args.global_seed) == (
         "my.pt", "SiT-XL/2", int(resolution), "ema", 64, 50_000, "sde", 250, cfg, 0.0, 0.7, 0)
+    assert generate.parse_args(gen_sh_arguments(tmp_path, RESOLUTION=resolution)).ckpt == released
 
 
 def test_class_balanced_labels_are_the_index_modulo_the_classes(monkeypatch):
