@@ -23,7 +23,7 @@ from samplers import euler_maruyama_sampler, euler_sampler
 from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags,
                          compile_call, prepare, read_checkpoint, run_on_processes, sample_folder_name, sample_seed,
                          write_samples)
-from utils import UserError, decode_to_uint8, run_main
+from utils import UserError, decode_to_uint8, learns_sigma, run_main
 
 PATH_TYPES = ("linear", "cosine")
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
@@ -98,8 +98,19 @@ def generate(args, procs, weights):
     write_samples(args, procs, folder, lambda indices: sample_batch(args, model_fn, vae, indices, procs.device))
 
 
+def refuse_original_sit(args, weights):
+    """UserError for an original SiT checkpoint (SiT-XL-2-256x256.pt: learned sigma, no ap_head). It reads time the
+    other way round (t = 1 is data) and was scored with SiT's own sampler (its SDE, guidance on 3 of 4 channels at
+    every step), so this sampler would reproduce neither its samples nor its FID."""
+    if learns_sigma(weights.state_dict) and not any(k.startswith("ap_head.") for k in weights.state_dict):
+        raise UserError(f"--ckpt {args.ckpt} is an original SiT checkpoint (learned sigma, t = 1 is data), which this "
+                        "generate.py does not sample: sample it with SiT's own sample_ddp.py, and draw its PCA maps "
+                        "with pca-vis/main_pca.py --baseline")
+
+
 def main(args):
     weights = read_checkpoint(args, RELEASED_DEFAULTS)
+    refuse_original_sit(args, weights)
     check_flags(args)
     run_on_processes(generate, args, weights)
 

@@ -133,6 +133,14 @@ def with_own_head(module, state_dict):
     return {**{k: v for k, v in module.state_dict().items() if k.startswith("ap_head.")}, **state_dict}
 
 
+def learns_sigma(state_dict):
+    """True if the weights' final layer predicts 8 channels per latent pixel, 4 of them a variance: the original DiT
+    and SiT checkpoints (learned sigma), not SiT-SRA's (4)."""
+    patch = state_dict.get("x_embedder.proj.weight")
+    final = state_dict.get("final_layer.linear.weight")
+    return patch is not None and final is not None and final.shape[0] == patch.shape[-1] ** 2 * 8
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash mid-write leaves the previous file (or none), never a truncated one."""

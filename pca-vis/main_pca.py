@@ -26,7 +26,8 @@ sys.path.insert(0, str(HERE.parent / "SiT-SRA"))  # the model and helpers are Si
 
 from models import SiT_models  # noqa: E402
 from utils import (LATENT_SCALE, RELEASED_CHECKPOINTS, UserError, check_writable, checkpoint_file,  # noqa: E402
-                   load_checkpoint, load_vae, load_weights, model_state_dict, run_main, with_own_head)
+                   learns_sigma, load_checkpoint, load_vae, load_weights, model_state_dict, run_main,
+                   with_own_head)
 
 DEFAULT_IMAGE = HERE / "assets" / "default.png"
 
@@ -243,12 +244,9 @@ def build_model(args, device):
     has_ap_head = any(k.startswith("ap_head.") for k in state)
     if args.baseline and has_ap_head:
         raise UserError(f"--ckpt {args.ckpt} has an ap_head: this is an SRA checkpoint, drop --baseline")
-    if not args.baseline and not has_ap_head and "final_layer.linear.weight" in state \
-            and "x_embedder.proj.weight" in state:
-        patch = state["x_embedder.proj.weight"].shape[-1]
-        if state["final_layer.linear.weight"].shape[0] == patch * patch * 8:
-            raise UserError(f"--ckpt {args.ckpt} has no ap_head and 8 output channels: an original SiT checkpoint, "
-                            "pass --baseline")
+    if not args.baseline and not has_ap_head and learns_sigma(state):
+        raise UserError(f"--ckpt {args.ckpt} has no ap_head and 8 output channels: an original SiT checkpoint, "
+                        "pass --baseline")
     qk_norm = any(".attn.q_norm." in k for k in state)
     try:
         # Attention as the released pca-vis computed it: its SRA model turned timm's fused kernel off, its original

@@ -87,8 +87,13 @@ def test_a_released_name_draws_the_checkpoint_the_hub_cache_holds_under_it(grid_
     np.testing.assert_array_equal(np.asarray(Image.open(out)), grid_png)
 
 
-def test_a_released_name_offline_and_not_in_the_cache_is_one_line_with_the_url(tiny_vae_dir, tmp_path):
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_released_name_the_hub_cannot_serve_is_one_line_with_the_url(hub, tiny_vae_dir, tmp_path):
+    """An empty private cache, offline (HF_HUB_OFFLINE=1) or online with the hub at a closed loopback port (after
+    huggingface_hub's retries, about 25 s)."""
     env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    if hub == "unreachable":
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     result = run_script("main_pca.py", "--ckpt", "sitxl-sra-res512-ep400.pt", "--save_path", str(tmp_path / "o.png"),
                         "--vae", str(tiny_vae_dir), *TINY, check=False, env=env)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
