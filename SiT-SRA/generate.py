@@ -101,7 +101,7 @@ def generate(args, procs, weights):
 def refuse_original_sit(args, weights):
     """UserError for an original SiT checkpoint (SiT-XL-2-256x256.pt: learned sigma, no ap_head). It reads time the
     other way round (t = 1 is data) and was scored with SiT's own sampler (its SDE, guidance on 3 of 4 channels at
-    every step), so this sampler would reproduce neither its samples nor its FID."""
+    every step), so this sampler is not the one its published FID was measured with."""
     if learns_sigma(weights.state_dict) and not any(k.startswith("ap_head.") for k in weights.state_dict):
         raise UserError(f"--ckpt {args.ckpt} is an original SiT checkpoint (learned sigma, t = 1 is data), which this "
                         "generate.py does not sample: sample it with SiT's own sample_ddp.py, and draw its PCA maps "
