@@ -27,7 +27,9 @@ from utils import UserError, decode_to_uint8, learns_sigma, run_main
 
 PATH_TYPES = ("linear", "cosine")
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
-RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear", "qk_norm": False}
+# The guidance flags default to a released checkpoint's known settings (utils.RELEASED_CHECKPOINTS) when named.
+RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear", "qk_norm": False,
+                     "cfg_scale": 1.8, "guidance_high": 1.0}
 
 
 def parse_args(argv=None):
@@ -36,13 +38,15 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, a multiple of 8; default: the checkpoint's, else 256")
     p.add_argument("--mode", choices=["sde", "ode"], default="sde")
-    p.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1: none); default: a released checkpoint's, else 1.8")
     p.add_argument("--path-type", choices=PATH_TYPES, default=None, help="default: the checkpoint's, else linear")
     p.add_argument("--num-steps", type=int, default=50)
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun correction (--mode ode only)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
-    p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
+    p.add_argument("--guidance-high", type=float, default=None,
+                   help="... <= guidance-high (t = 1 is noise); default: a released checkpoint's, else 1.0")
     p.add_argument("--class-balanced", action="store_true",
                    help="sample i shows class i %% num-classes (equal counts) instead of a random class")
     return p.parse_args(argv)

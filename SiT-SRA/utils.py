@@ -17,9 +17,14 @@ from PIL import Image
 LATENT_SCALE = 0.18215
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 RELEASED_REPO = "DyJiang/SRA"  # the authors' Hugging Face repository of the released checkpoints
-# The released checkpoints by name, with the settings that build their model (the released README's table).
-RELEASED_CHECKPOINTS = {"sitxl-sra-res256-ep800.pt": {"model": "SiT-XL/2", "resolution": 256, "num_classes": 1000},
-                        "sitxl-sra-res512-ep400.pt": {"model": "SiT-XL/2", "resolution": 512, "num_classes": 1000}}
+# The released checkpoints by name, with their model (the released README's table) and the guidance of their FID
+# (the released gen.sh and README: CFG 1.8 up to t = 0.7 at 256 px, CFG 2.5 with an interval at 512 px, whose bound
+# the README does not give; 0.7 is assumed, as in gen.sh).
+RELEASED_CHECKPOINTS = {
+    "sitxl-sra-res256-ep800.pt": {"model": "SiT-XL/2", "resolution": 256, "num_classes": 1000, "cfg_scale": 1.8,
+                                  "guidance_high": 0.7},
+    "sitxl-sra-res512-ep400.pt": {"model": "SiT-XL/2", "resolution": 512, "num_classes": 1000, "cfg_scale": 2.5,
+                                  "guidance_high": 0.7}}
 
 
 class UserError(Exception):

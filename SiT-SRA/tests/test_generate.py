@@ -3,6 +3,7 @@ class-balanced labels and a run killed midway. The tiny setting (SiT-S/2 at 32 p
 and the base run are conftest's; what both families share is tested in test_generate_common.py.
 """
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (CLASSES, MODELS, N, RES, SAMPLE_MODEL, SAMPLER_FLAGS, TINY_MODEL, gen_sh_arguments,
-                      generate_argv, run_generate, sampling_model, training_checkpoint)
+from conftest import (CLASSES, N, RES, SAMPLER_FLAGS, TINY_MODEL, gen_sh_arguments, generate_argv, run_generate,
+                      sampling_model, training_checkpoint)
 
 import generate
 from sampling_io import autocast_call, compile_call, fill_unset_flags
-from utils import UserError, run_main
+from utils import UserError
 
 
 def parse_for_bare_state_dict(argv):
@@ -76,20 +77,18 @@ def test_gen_sh_passes_the_released_settings(resolution, cfg, released, tmp_path
     assert generate.parse_args(gen_sh_arguments(tmp_path, RESOLUTION=resolution)).ckpt == released
 
 
-def test_an_original_sit_checkpoint_is_one_line_naming_what_samples_it(tiny_vae_dir, tmp_path, capsys):
-    """Like SiT's SiT-XL-2-256x256.pt: a bare state dict, learned sigma (8 output channels), no ap_head."""
-    torch.manual_seed(0)
-    original = MODELS[SAMPLE_MODEL](input_size=RES // 8, num_classes=CLASSES, class_dropout_prob=0.1, learn_sigma=True)
-    path = tmp_path / "SiT-S-2-32x32.pt"
-    torch.save({k: v for k, v in original.state_dict().items() if not k.startswith("ap_head.")}, path)
-    with pytest.raises(SystemExit) as stopped:
-        run_main(lambda: generate.main(generate.parse_args(generate_argv(path, tmp_path / "samples", tiny_vae_dir)[1:])))
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err == (
-        f"error: --ckpt {path} is an original SiT checkpoint (learned sigma, t = 1 is data), which this generate.py "
-        "does not sample: sample it with SiT's own sample_ddp.py, and draw its PCA maps with pca-vis/main_pca.py "
-        "--baseline\n")
-    assert not (tmp_path / "samples").exists()
+@pytest.mark.parametrize("name, cfg", [("sitxl-sra-res256-ep800.pt", 1.8), ("sitxl-sra-res512-ep400.pt", 2.5)])
+def test_a_released_checkpoint_samples_with_its_released_guidance_unless_given(name, cfg, ckpt, tmp_path):
+    """Its training args hold no guidance: the name gives the released FID's, a flag wins, another file keeps the
+    released generate.py's defaults (CFG 1.8 on all of [0, 1])."""
+    shutil.copyfile(ckpt, tmp_path / name)
+    for flags, expected in (([], (cfg, 0.0, 0.7)), (["--cfg-scale", "1.0", "--guidance-high", "1.0"], (1.0, 0.0, 1.0))):
+        args = generate.parse_args(["--ckpt", str(tmp_path / name), *flags])
+        generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+        assert (args.cfg_scale, args.guidance_low, args.guidance_high) == expected
+    args = generate.parse_args(["--ckpt", str(ckpt)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.cfg_scale, args.guidance_low, args.guidance_high) == (1.8, 0.0, 1.0)
 
 
 def test_class_balanced_labels_are_the_index_modulo_the_classes(monkeypatch):

@@ -223,7 +223,8 @@ def error_case(name, tmp_path, ckpt, monkeypatch):
         torch.manual_seed(0)
         original = MODELS[SAMPLE_MODEL](input_size=RES // 8, num_classes=CLASSES, learn_sigma=True)
         torch.save({k: v for k, v in original.state_dict().items() if not k.startswith("ap_head.")}, path)
-        return path, [], sample_dir, ["final_layer.linear.weight (32, 384) vs (16, 384)"]
+        return path, [], sample_dir, [f"--ckpt {path} is an original SiT checkpoint (learned sigma, t = 1 is data)",
+                                      "sample_ddp.py", "pca-vis/main_pca.py --baseline"]
     if name == "steps":  # DDIM's even strides give no 600 of the 1000 steps
         return ckpt, ["--sampler", "ddim", "--num-sampling-steps", "600"], sample_dir, ["--num-sampling-steps 600"]
     if name == "vae":
