@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Samples 50,000 images from a SiT-XL/2 + SRA checkpoint for FID with the released settings and writes
 # SAMPLE_DIR/<settings>.npz for the ADM evaluation suite. Every variable below can be set from the environment:
-#   CKPT=pretrained/sitxl-sra-res256-ep800.pt SAMPLE_DIR=samples NUM_GPUS=8 bash gen.sh
-#   RESOLUTION=512 CKPT=pretrained/sitxl-sra-res512-ep400.pt bash gen.sh
+#   SAMPLE_DIR=samples NUM_GPUS=8 bash gen.sh      # the released 256 px checkpoint, downloaded once by name
+#   RESOLUTION=512 bash gen.sh                     # the released 512 px one
+#   CKPT=path/to/checkpoint.pt bash gen.sh         # yours (or a released file downloaded by hand)
 # An interrupted run resumes where it stopped when started again with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 NUM_GPUS=${NUM_GPUS:-8}
-CKPT=${CKPT:-pretrained/sitxl-sra-res256-ep800.pt}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
 RESOLUTION=${RESOLUTION:-256}
 MODEL=${MODEL:-SiT-XL/2}
@@ -34,11 +34,12 @@ fi
 # Guidance of the released results: CFG 1.8 on t in [0, 0.7] at 256 px, CFG 2.5 with a guidance interval at 512 px
 # (the released README does not give the 512 px bounds; [0, 0.7] is assumed, override with GUIDANCE_LOW/HIGH).
 case "$RESOLUTION" in
-  256) DEFAULT_CFG=1.8 DEFAULT_LOW=0.0 DEFAULT_HIGH=0.7 ;;
-  512) DEFAULT_CFG=2.5 DEFAULT_LOW=0.0 DEFAULT_HIGH=0.7 ;;
+  256) DEFAULT_CFG=1.8 DEFAULT_LOW=0.0 DEFAULT_HIGH=0.7 DEFAULT_CKPT=sitxl-sra-res256-ep800.pt ;;
+  512) DEFAULT_CFG=2.5 DEFAULT_LOW=0.0 DEFAULT_HIGH=0.7 DEFAULT_CKPT=sitxl-sra-res512-ep400.pt ;;
   *) echo "gen.sh: RESOLUTION must be 256 or 512 (got $RESOLUTION); call generate.py directly for others" >&2
      exit 2 ;;
 esac
+CKPT=${CKPT:-$DEFAULT_CKPT}  # a released name is downloaded once into the Hugging Face cache (HF_HOME)
 CFG_SCALE=${CFG_SCALE:-$DEFAULT_CFG}
 GUIDANCE_LOW=${GUIDANCE_LOW:-$DEFAULT_LOW}
 GUIDANCE_HIGH=${GUIDANCE_HIGH:-$DEFAULT_HIGH}

@@ -23,11 +23,13 @@ from samplers import euler_maruyama_sampler, euler_sampler
 from sampling_io import (LATENT_CHANNELS, RowGenerators, add_common_flags, autocast_call, check_common_flags,
                          compile_call, prepare, read_checkpoint, run_on_processes, sample_folder_name, sample_seed,
                          write_samples)
-from utils import UserError, decode_to_uint8, run_main
+from utils import UserError, decode_to_uint8, learns_sigma, run_main
 
 PATH_TYPES = ("linear", "cosine")
 # Flags that default to the training checkpoint's args, and failing those to the released generate.py's defaults.
-RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear", "qk_norm": False}
+# The guidance flags default to a released checkpoint's known settings (utils.RELEASED_CHECKPOINTS) when named.
+RELEASED_DEFAULTS = {"model": "SiT-B/2", "resolution": 256, "num_classes": 1000, "path_type": "linear", "qk_norm": False,
+                     "cfg_scale": 1.8, "guidance_high": 1.0}
 
 
 def parse_args(argv=None):
@@ -36,13 +38,15 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, a multiple of 8; default: the checkpoint's, else 256")
     p.add_argument("--mode", choices=["sde", "ode"], default="sde")
-    p.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1: none); default: a released checkpoint's, else 1.8")
     p.add_argument("--path-type", choices=PATH_TYPES, default=None, help="default: the checkpoint's, else linear")
     p.add_argument("--num-steps", type=int, default=50)
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun correction (--mode ode only)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guide only when guidance-low <= t <= ...")
-    p.add_argument("--guidance-high", type=float, default=1.0, help="... <= guidance-high (t = 1 is noise)")
+    p.add_argument("--guidance-high", type=float, default=None,
+                   help="... <= guidance-high (t = 1 is noise); default: a released checkpoint's, else 1.0")
     p.add_argument("--class-balanced", action="store_true",
                    help="sample i shows class i %% num-classes (equal counts) instead of a random class")
     return p.parse_args(argv)
@@ -98,8 +102,19 @@ def generate(args, procs, weights):
     write_samples(args, procs, folder, lambda indices: sample_batch(args, model_fn, vae, indices, procs.device))
 
 
+def refuse_original_sit(args, weights):
+    """UserError for an original SiT checkpoint (SiT-XL-2-256x256.pt: learned sigma, no ap_head). It reads time the
+    other way round (t = 1 is data) and was scored with SiT's own sampler (its SDE, guidance on 3 of 4 channels at
+    every step), so this sampler is not the one its published FID was measured with."""
+    if learns_sigma(weights.state_dict) and not any(k.startswith("ap_head.") for k in weights.state_dict):
+        raise UserError(f"--ckpt {args.ckpt} is an original SiT checkpoint (learned sigma, t = 1 is data), which this "
+                        "generate.py does not sample: sample it with SiT's own sample_ddp.py, and draw its PCA maps "
+                        "with pca-vis/main_pca.py --baseline")
+
+
 def main(args):
     weights = read_checkpoint(args, RELEASED_DEFAULTS)
+    refuse_original_sit(args, weights)
     check_flags(args)
     run_on_processes(generate, args, weights)
 

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from utils import (UserError, check_shared_folder, check_writable, compile_by_default, compile_prerequisite_problem,
-                   load_checkpoint, load_vae, load_weights, model_state_dict, with_own_head)
+from utils import (RELEASED_CHECKPOINTS, UserError, check_shared_folder, check_writable, checkpoint_file,
+                   compile_by_default, compile_prerequisite_problem, load_checkpoint, load_vae, load_weights,
+                   model_state_dict, with_own_head)
 
 SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRIDE + i (see the module docstring)
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
@@ -42,7 +43,9 @@ def add_common_flags(p, models, released_defaults, precision_note):
     seed, attention and precision switches, the launcher's --local-rank (and the released --world_size and --dist_url,
     accepted without effect), and --model (choices: the registry `models`), --num-classes and --qk-norm, whose help
     names their `released_defaults`. `precision_note` says what --precision leaves in full precision."""
-    p.add_argument("--ckpt", required=True, help="training checkpoint (its 'ema' weights) or a bare state dict")
+    p.add_argument("--ckpt", required=True,
+                   help="training checkpoint (its 'ema' weights) or a bare state dict; or a released name, "
+                        f"{' / '.join(RELEASED_CHECKPOINTS)}, downloaded once into the Hugging Face cache")
     p.add_argument("--sample-dir", default="samples", help="parent folder of the PNG folder and the .npz")
     p.add_argument("--model", choices=sorted(models), default=None,
                    help=f"default: the checkpoint's, else {released_defaults['model']}")
@@ -203,14 +206,17 @@ def fill_unset_flags(args, saved_args, released_defaults):
 
 
 def read_checkpoint(args, released_defaults):
-    """Loads --ckpt and fills the unset flags from it (`fill_unset_flags`). Returns its Weights; the rest of the
-    checkpoint (the training weights, the optimizer) is not kept."""
-    checkpoint = load_checkpoint(args.ckpt, "--ckpt")
+    """Loads --ckpt (a path, or a released name: utils.checkpoint_file) and fills the unset flags from it
+    (`fill_unset_flags`), a released checkpoint's known settings (utils.RELEASED_CHECKPOINTS) coming before the
+    released generate.py's defaults. Returns its Weights; the rest of the checkpoint (the training weights, the
+    optimizer) is not kept."""
+    checkpoint = load_checkpoint(checkpoint_file(args.ckpt), "--ckpt")
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, dict):  # args saved as vars(args)
         saved = argparse.Namespace(**saved)
     saved = saved if isinstance(saved, argparse.Namespace) else None
-    fill_unset_flags(args, saved, released_defaults)
+    known = RELEASED_CHECKPOINTS.get(Path(args.ckpt).name, {})
+    fill_unset_flags(args, saved, {name: known.get(name, default) for name, default in released_defaults.items()})
     return Weights(model_state_dict(checkpoint), trained_with(saved))
 
 

@@ -18,6 +18,15 @@ from PIL import Image
 
 LATENT_SCALE = 0.18215
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+RELEASED_REPO = "DyJiang/SRA"  # the authors' Hugging Face repository of the released checkpoints
+# The released checkpoints by name, with their model (the released README's table) and the guidance of their FID
+# (the released gen.sh and README: CFG 1.8 up to t = 0.7 at 256 px, CFG 2.5 with an interval at 512 px, whose bound
+# the README does not give; 0.7 is assumed, as in gen.sh).
+RELEASED_CHECKPOINTS = {
+    "sitxl-sra-res256-ep800.pt": {"model": "SiT-XL/2", "resolution": 256, "num_classes": 1000, "cfg_scale": 1.8,
+                                  "guidance_high": 0.7},
+    "sitxl-sra-res512-ep400.pt": {"model": "SiT-XL/2", "resolution": 512, "num_classes": 1000, "cfg_scale": 2.5,
+                                  "guidance_high": 0.7}}
 
 
 class UserError(Exception):
@@ -70,6 +79,28 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
 
 
+def checkpoint_file(ckpt, flag="--ckpt"):
+    """The file of --ckpt: an existing path as given; a released name (RELEASED_CHECKPOINTS) that is not one is
+    downloaded once from the Hugging Face repository RELEASED_REPO into the hub cache (HF_HOME, HF_HUB_CACHE), which
+    later runs read without the network. Offline or with the hub unreachable, a one-line UserError."""
+    name = Path(ckpt).name
+    if Path(ckpt).exists() or ckpt != name or name not in RELEASED_CHECKPOINTS:
+        return Path(ckpt)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its warning per retry would spread the one-line error over many lines
+    try:
+        return Path(hf_hub_download(RELEASED_REPO, name))
+    except OSError as e:  # huggingface_hub's errors (offline, unreachable, HTTP) and the cache's are all OSErrors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} {name}: cannot download https://huggingface.co/{RELEASED_REPO}/resolve/main/{name} "
+                        f"({reason}); download it by hand and pass {flag} PATH") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
 def model_state_dict(checkpoint, key="ema"):
     """The weights to sample with: checkpoint[key] of a training checkpoint, or a bare state dict."""
     if isinstance(checkpoint, dict) and key in checkpoint:
@@ -107,6 +138,14 @@ def with_own_head(module, state_dict):
     if any(k.startswith("ap_head.") for k in state_dict):
         return state_dict
     return {**{k: v for k, v in module.state_dict().items() if k.startswith("ap_head.")}, **state_dict}
+
+
+def learns_sigma(state_dict):
+    """True if the weights' final layer predicts 8 channels per latent pixel, 4 of them a variance: the original DiT
+    and SiT checkpoints (learned sigma), not SiT-SRA's (4)."""
+    patch = state_dict.get("x_embedder.proj.weight")
+    final = state_dict.get("final_layer.linear.weight")
+    return patch is not None and final is not None and final.shape[0] == patch.shape[-1] ** 2 * 8
 
 
 def save_atomic(obj, path):

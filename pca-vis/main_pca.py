@@ -2,6 +2,7 @@
 
     cd pca-vis
     python main_pca.py --ckpt CKPT.pt                        # an SRA (or our train.py) checkpoint
+    python main_pca.py --ckpt sitxl-sra-res256-ep800.pt      # a released one, downloaded once by name
     python main_pca.py --ckpt SiT-XL-2-256x256.pt --baseline  # an original SiT checkpoint
 
 The released recipe, which drew the paper's figure: the image is resized to --resolution x --resolution
@@ -24,8 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "SiT-SRA"))  # the model and helpers are SiT-SRA's, not a copy
 
 from models import SiT_models  # noqa: E402
-from utils import (LATENT_SCALE, UserError, check_writable, load_checkpoint, load_vae, load_weights,  # noqa: E402
-                   model_state_dict, run_main, with_own_head)
+from utils import (LATENT_SCALE, RELEASED_CHECKPOINTS, UserError, check_writable, checkpoint_file,  # noqa: E402
+                   learns_sigma, load_checkpoint, load_vae, load_weights, model_state_dict, run_main,
+                   with_own_head)
 
 DEFAULT_IMAGE = HERE / "assets" / "default.png"
 
@@ -51,7 +53,8 @@ def str2bool(value):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True,
-                   help="training checkpoint (its 'ema' weights are used) or a bare state dict")
+                   help="training checkpoint (its 'ema' weights are used) or a bare state dict; or a released name, "
+                        f"{' / '.join(RELEASED_CHECKPOINTS)}, downloaded once into the Hugging Face cache")
     p.add_argument("--baseline", type=str2bool, nargs="?", const=True, default=False,
                    help="the checkpoint is an original SiT one (no ap_head, learned sigma, t=1 is data); its features "
                         "are min-maxed per channel instead of LayerNorm; also accepts --baseline=True/False")
@@ -74,15 +77,21 @@ def parse_args(argv=None):
     p.add_argument("--thr", type=float, default=0.0,
                    help="background threshold: tokens whose first PCA component (min-maxed to [0, 1]) is "
                         "below thr are drawn black; 0 shows every token")
-    p.add_argument("--model", choices=sorted(SiT_models), default="SiT-XL/2")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (a multiple of 8)")
+    p.add_argument("--model", choices=sorted(SiT_models), default=None,
+                   help="default: a released checkpoint's (by file name), else SiT-XL/2")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (a multiple of 8); default: a released checkpoint's, else 256")
     p.add_argument("--vae", default="mse", help="mse (stabilityai/sd-vae-ft-mse, as released) | ema | hub name | "
                                                 "local folder")
     p.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the posterior samples and the noise (one CPU generator, drawn time by time)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    known = RELEASED_CHECKPOINTS.get(Path(args.ckpt).name, {})
+    args.model = args.model or known.get("model", "SiT-XL/2")
+    args.resolution = known.get("resolution", 256) if args.resolution is None else args.resolution
+    return args
 
 
 def load_image(path, resolution, center_crop=False):
@@ -229,18 +238,15 @@ def build_model(args, device):
     """The EMA model of --ckpt, in eval mode; tells SRA and original SiT checkpoints apart.
     Checkpoints trained with --qk-norm are recognised by their q_norm weights. Fused attention only for --baseline,
     as released."""
-    ckpt = load_checkpoint(args.ckpt, "--ckpt")
+    ckpt = load_checkpoint(checkpoint_file(args.ckpt), "--ckpt")
     state = model_state_dict(ckpt)
     del ckpt  # frees the training weights and optimizer state of a training checkpoint
     has_ap_head = any(k.startswith("ap_head.") for k in state)
     if args.baseline and has_ap_head:
         raise UserError(f"--ckpt {args.ckpt} has an ap_head: this is an SRA checkpoint, drop --baseline")
-    if not args.baseline and not has_ap_head and "final_layer.linear.weight" in state \
-            and "x_embedder.proj.weight" in state:
-        patch = state["x_embedder.proj.weight"].shape[-1]
-        if state["final_layer.linear.weight"].shape[0] == patch * patch * 8:
-            raise UserError(f"--ckpt {args.ckpt} has no ap_head and 8 output channels: an original SiT checkpoint, "
-                            "pass --baseline")
+    if not args.baseline and not has_ap_head and learns_sigma(state):
+        raise UserError(f"--ckpt {args.ckpt} has no ap_head and 8 output channels: an original SiT checkpoint, "
+                        "pass --baseline")
     qk_norm = any(".attn.q_norm." in k for k in state)
     try:
         # Attention as the released pca-vis computed it: its SRA model turned timm's fused kernel off, its original

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,24 @@ def run_generate(ckpt, sample_dir, vae_dir, *extra):
     """Runs generate.py in a subprocess; returns (npz path, PNG folder)."""
     run_script(*generate_argv(ckpt, sample_dir, vae_dir, *extra))
     return the_npz(sample_dir)
+
+
+def serve_from_offline_hub(hub_cache, repo, filename, source):
+    """Puts the file `source` into a private Hugging Face cache `hub_cache` as `filename` of the model repository `repo`
+    at revision main, laid out as a download leaves it (refs/main -> snapshots/<commit>/filename). Returns the
+    environment under which huggingface_hub serves it from there and never reaches for the network."""
+    commit = "0" * 40
+    repo_dir = Path(hub_cache) / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    shutil.copyfile(source, repo_dir / "snapshots" / commit / filename)
+    return offline_hub_env(hub_cache)
+
+
+def offline_hub_env(hub_cache):
+    """The environment of a private Hugging Face cache `hub_cache` (and HF_HOME beside it), offline."""
+    return {"HF_HOME": str(Path(hub_cache).parent / "hf-home"), "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
 
 
 def gen_sh_torchrun_arguments(tmp_path, **env):

@@ -3,6 +3,7 @@ class-balanced labels and a run killed midway. The tiny setting (SiT-S/2 at 32 p
 and the base run are conftest's; what both families share is tested in test_generate_common.py.
 """
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,14 +64,31 @@ def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(tmp_pa
         generate.check_flags(args)
 
 
-@pytest.mark.parametrize("resolution, cfg", [("256", 1.8), ("512", 2.5)])
-def test_gen_sh_passes_the_released_settings(resolution, cfg, tmp_path):
-    """gen.sh with a stand-in torchrun that records its arguments; generate.py must accept them."""
+@pytest.mark.parametrize("resolution, cfg, released", [("256", 1.8, "sitxl-sra-res256-ep800.pt"),
+                                                       ("512", 2.5, "sitxl-sra-res512-ep400.pt")])
+def test_gen_sh_passes_the_released_settings(resolution, cfg, released, tmp_path):
+    """gen.sh with a stand-in torchrun that records its arguments; generate.py must accept them. Without CKPT it
+    samples the released checkpoint of the resolution, by name."""
     args = generate.parse_args(gen_sh_arguments(tmp_path, RESOLUTION=resolution, CKPT="my.pt"))
     generate.check_flags(args)
     assert (args.ckpt, args.model, args.resolution, args.vae, args.per_proc_batch_size, args.num_fid_samples,
             args.mode, args.num_steps, args.cfg_scale, args.guidance_low, args.guidance_high, args.global_seed) == (
         "my.pt", "SiT-XL/2", int(resolution), "ema", 64, 50_000, "sde", 250, cfg, 0.0, 0.7, 0)
+    assert generate.parse_args(gen_sh_arguments(tmp_path, RESOLUTION=resolution)).ckpt == released
+
+
+@pytest.mark.parametrize("name, cfg", [("sitxl-sra-res256-ep800.pt", 1.8), ("sitxl-sra-res512-ep400.pt", 2.5)])
+def test_a_released_checkpoint_samples_with_its_released_guidance_unless_given(name, cfg, ckpt, tmp_path):
+    """Its training args hold no guidance: the name gives the released FID's, a flag wins, another file keeps the
+    released generate.py's defaults (CFG 1.8 on all of [0, 1])."""
+    shutil.copyfile(ckpt, tmp_path / name)
+    for flags, expected in (([], (cfg, 0.0, 0.7)), (["--cfg-scale", "1.0", "--guidance-high", "1.0"], (1.0, 0.0, 1.0))):
+        args = generate.parse_args(["--ckpt", str(tmp_path / name), *flags])
+        generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+        assert (args.cfg_scale, args.guidance_low, args.guidance_high) == expected
+    args = generate.parse_args(["--ckpt", str(ckpt)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.cfg_scale, args.guidance_low, args.guidance_high) == (1.8, 0.0, 1.0)
 
 
 def test_class_balanced_labels_are_the_index_modulo_the_classes(monkeypatch):

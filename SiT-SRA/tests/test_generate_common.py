@@ -12,13 +12,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_argv, run_generate, run_script,
-                      sampling_model, the_npz, training_checkpoint)
+from conftest import (CLASSES, FAMILY, MODELS, N, RES, SAMPLE_MODEL, generate_argv, offline_hub_env, run_generate,
+                      run_script, sampling_model, serve_from_offline_hub, the_npz, training_checkpoint)
 from PIL import Image
 
 import generate
 import sampling_io
-from utils import load_checkpoint, run_main
+from utils import RELEASED_REPO, load_checkpoint, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,6 +108,44 @@ def test_bare_state_dict_gives_the_samples_of_the_training_checkpoint(base_run, 
     assert npz.read_bytes() == base_run[0].read_bytes()
 
 
+def test_a_released_name_samples_the_checkpoint_the_hub_cache_holds_under_it(base_run, ckpt, tiny_vae_dir, tmp_path):
+    """--ckpt sitxl-sra-res256-ep800.pt, no such file: the checkpoint a private offline hub cache serves under that
+    name gives the samples of the same file passed by path, byte for byte; its args (not the name's SiT-XL/2 at
+    256 px) set the model, the resolution and the classes."""
+    name = "sitxl-sra-res256-ep800.pt"
+    env = serve_from_offline_hub(tmp_path / "hub", RELEASED_REPO, name, ckpt)
+    flags = generate_argv(name, tmp_path / "samples", tiny_vae_dir)
+    for flag in ("--model", "--num-classes", "--resolution"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    run_script(*flags, env=env)
+    npz, _ = the_npz(tmp_path / "samples")
+    assert npz.name == base_run[0].name.replace("step-100", "sitxl-sra-res256-ep800")
+    assert npz.read_bytes() == base_run[0].read_bytes()
+
+
+def test_a_released_name_offline_and_not_in_the_cache_is_one_line_with_the_url(tiny_vae_dir, tmp_path):
+    """An empty private cache, offline (HF_HUB_OFFLINE=1); pca-vis's tests also run it with the hub unreachable."""
+    result = run_script(*generate_argv("sitxl-sra-res512-ep400.pt", tmp_path / "samples", tiny_vae_dir),
+                        env=offline_hub_env(tmp_path / "hub"), check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --ckpt sitxl-sra-res512-ep400.pt: cannot download "
+                                    "https://huggingface.co/DyJiang/SRA/resolve/main/sitxl-sra-res512-ep400.pt (")
+    assert result.stderr.endswith("; download it by hand and pass --ckpt PATH\n")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_bare_state_dict_under_a_released_name_takes_the_names_settings(tmp_path):
+    """A released file downloaded by hand, if it held no args: SiT-XL/2, 512 px, 1000 classes (a flag still wins)."""
+    path = tmp_path / "sitxl-sra-res512-ep400.pt"
+    torch.save(sampling_model().state_dict(), path)
+    args = generate.parse_args(["--ckpt", str(path)])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert (args.model, args.resolution, args.num_classes) == ("SiT-XL/2", 512, 1000)
+    args = generate.parse_args(["--ckpt", str(path), "--resolution", "256"])
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    assert args.resolution == 256
+
+
 def test_two_processes_give_the_npz_of_one(base_run, ckpt, tiny_vae_dir, tmp_path):
     run_script("torchrun", "--standalone", "--nproc_per_node", "2", *generate_argv(ckpt, tmp_path, tiny_vae_dir))
     npz, _ = the_npz(tmp_path)
@@ -185,7 +223,8 @@ def error_case(name, tmp_path, ckpt, monkeypatch):
         torch.manual_seed(0)
         original = MODELS[SAMPLE_MODEL](input_size=RES // 8, num_classes=CLASSES, learn_sigma=True)
         torch.save({k: v for k, v in original.state_dict().items() if not k.startswith("ap_head.")}, path)
-        return path, [], sample_dir, ["final_layer.linear.weight (32, 384) vs (16, 384)"]
+        return path, [], sample_dir, [f"--ckpt {path} is an original SiT checkpoint (learned sigma, t = 1 is data)",
+                                      "sample_ddp.py", "pca-vis/main_pca.py --baseline"]
     if name == "steps":  # DDIM's even strides give no 600 of the 1000 steps
         return ckpt, ["--sampler", "ddim", "--num-sampling-steps", "600"], sample_dir, ["--num-sampling-steps 600"]
     if name == "vae":

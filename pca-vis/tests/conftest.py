@@ -4,6 +4,7 @@ import argparse
 import functools
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,26 @@ TINY = ["--model", MODEL, "--resolution", str(RESOLUTION), "--num-classes", str(
         "--device", "cpu"]
 
 
-def run_script(*argv, check=True):
-    """Runs `python argv...` in pca-vis/; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_script(*argv, check=True, env=None):
+    """Runs `python argv...` in pca-vis/ with `env` added to the environment; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run([sys.executable, *argv], cwd=TREE, env=env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def serve_from_offline_hub(hub_cache, repo, filename, source):
+    """Puts the file `source` into a private Hugging Face cache `hub_cache` as `filename` of the model repository `repo`
+    at revision main, laid out as a download leaves it (refs/main -> snapshots/<commit>/filename). Returns the
+    environment under which huggingface_hub serves it from there, offline (as SiT-SRA/tests/conftest.py's)."""
+    commit = "0" * 40
+    repo_dir = Path(hub_cache) / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    shutil.copyfile(source, repo_dir / "snapshots" / commit / filename)
+    return {"HF_HOME": str(Path(hub_cache).parent / "hf-home"), "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
 
 
 @functools.lru_cache(maxsize=None)
