@@ -42,6 +42,11 @@ def run_main(main):
         message = str(e).strip().splitlines()[-1].removeprefix("utils.UserError: ")
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # A process group left for the interpreter's exit to tear down can abort it (gloo: "terminate called
+        # without an active exception"), failing a run that had finished.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def positive_int(text):

@@ -74,6 +74,7 @@ def assert_one_line_on_every_node(results, flag, folder_of_node1):
         assert code != 0 and len(errors) == 1, f"node {node_rank}:\n{output[-4000:]}"
         assert f"process 1 on {socket.gethostname()} cannot see the files process 0" in errors[0]
         assert f"{flag} must be on a filesystem every node shares" in errors[0]
+        assert "(exitcode: 2)" in output and "terminate called" not in output  # exits 2, no abort at the exit
     assert not any(Path(folder_of_node1).rglob(".shared-check-*"))
 
 
