@@ -25,7 +25,7 @@ from alignment import align_weight
 from checkpoints import load_optimizer_state, resolve_resume, rng_state, set_rng_state, write_checkpoint
 from dataset import LatentDataset, sample_posterior
 from utils import (UserError, check_shared_folder, check_writable, compile_by_default, compile_prerequisite_problem,
-                   load_checkpoint, load_weights, non_negative_int, positive_int)
+                   error_reason, load_checkpoint, load_weights, non_negative_int, positive_int)
 
 EMA_DECAY = 0.9999
 
@@ -494,7 +494,7 @@ class Trainer:
         try:
             losses = step()
         except BackendCompilerFailed as e:
-            reason = str(e).strip().splitlines()[0]
+            reason = error_reason(e)
             raise UserError(f"--compile: torch.compile failed ({reason}); train without compiling with "
                             "--no-compile") from None
         if accelerator.device.type == "cuda":

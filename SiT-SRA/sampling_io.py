@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import (RELEASED_CHECKPOINTS, UserError, check_shared_folder, check_writable, checkpoint_file,
-                   compile_by_default, compile_prerequisite_problem, load_checkpoint, load_vae, load_weights,
-                   model_state_dict, with_own_head)
+                   compile_by_default, compile_prerequisite_problem, error_reason, load_checkpoint, load_vae,
+                   load_weights, model_state_dict, with_own_head)
 
 SEED_STRIDE = 1_000_000  # sample i of seed s uses generator seed s * SEED_STRIDE + i (see the module docstring)
 MAX_GLOBAL_SEED = (2 ** 32 - SEED_STRIDE) // SEED_STRIDE  # 4293: torch's CPU generator keeps 32 bits of a seed
@@ -144,7 +144,7 @@ def init_processes(local_rank_flag=None):
         try:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         except (RuntimeError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = error_reason(e)
             raise UserError(f"WORLD_SIZE={world_size}, but torch.distributed ({backend}) cannot start: {reason}; "
                             "launch with `torchrun --nproc_per_node N generate.py ...`") from None
     return Processes(rank, world_size, device)
@@ -308,7 +308,7 @@ def compile_call(fn, device, enabled):
         try:
             return compiled(*args, **kwargs)
         except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            reason = error_reason(e)[:200]
             raise UserError(f"--compile: torch.compile failed ({reason}); use --no-compile") from None
     return call
 

@@ -33,6 +33,12 @@ class UserError(Exception):
     """A mistake the user can fix (a path, a flag, a file). Scripts print it on one line and exit 2."""
 
 
+def error_reason(error):
+    """The first line of an exception's message (libraries' messages run on for lines), or its type's name."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 def run_main(main):
     """Runs a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
     try:
@@ -80,7 +86,7 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: refused to load: the file pickles {what}, and only tensors and "
                         "argparse.Namespace are trusted") from None
     except (RuntimeError, EOFError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
 
 
@@ -99,7 +105,7 @@ def checkpoint_file(ckpt, flag="--ckpt"):
     try:
         return Path(hf_hub_download(RELEASED_REPO, name))
     except OSError as e:  # huggingface_hub's errors (offline, unreachable, HTTP) and the cache's are all OSErrors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f"{flag} {name}: cannot download https://huggingface.co/{RELEASED_REPO}/resolve/main/{name} "
                         f"({reason}); download it by hand and pass {flag} PATH") from None
     finally:
@@ -243,7 +249,7 @@ def load_vae(name, device):
     try:
         vae = AutoencoderKL.from_pretrained(name)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0]
+        reason = error_reason(e)
         raise UserError(f"--vae {name}: cannot load a diffusers AutoencoderKL ({reason})") from None
     return vae.to(device).eval().requires_grad_(False)
 
