@@ -2,10 +2,14 @@
 (CPU, gloo, a loopback rendezvous). Training stopped and resumed with `latest` on two nodes ends bit-identical to the
 same number of processes on one node; generate.py on two nodes writes the one-process .npz byte for byte; an output
 folder that the nodes do not share stops every process with one line instead of a hang."""
+import contextlib
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import TREE, gen_sh_arguments, gen_sh_torchrun_arguments, generate_argv, run_script, the_npz
@@ -13,32 +17,57 @@ from test_train import checkpoint, loss_log, train_args
 from test_train_resume import DIST_ENV, assert_same_state, torchrun
 
 
+FAILED_NODE_GRACE_S = 30
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a port the kernel handed out (bind to 0) may be given again to
+    another test's outgoing connection before node 0 binds it, and node 1 then waits for a store that never starts."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, first_ephemeral - 8000), first_ephemeral), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def two_nodes(tmp_path, argv_of_node, env=None, timeout=300):
-    """Launches torchrun for node 0 and node 1 at once, one process each, with node_rank's argv; waits for both.
+    """Launches torchrun for node 0 and node 1 at once, one process each, with node_rank's argv; waits for both. Once
+    one has failed, the other gets FAILED_NODE_GRACE_S to end (a failed node leaves the other's torchrun at its exit
+    barrier for 300 s), then is killed (its code: None). A crash's Python stack is in the log (faulthandler).
 
     Returns [(returncode, stdout + stderr)] of node 0 and node 1."""
     port, logs, launches = free_port(), [], []
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     for node_rank in (0, 1):
         log = (tmp_path / f"node{node_rank}.log").open("w")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                *argv_of_node(node_rank)]
-        launches.append(subprocess.Popen(cmd, cwd=TREE, env=full_env, stdout=log, stderr=subprocess.STDOUT))
+        launches.append(subprocess.Popen(cmd, cwd=TREE, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True))  # killed with its workers below
         logs.append(log)
+    deadline = time.monotonic() + timeout
     try:
-        codes = [launch.wait(timeout=timeout) for launch in launches]
+        codes = [launch.poll() for launch in launches]
+        while None in codes and time.monotonic() < deadline:
+            if any(codes):
+                deadline = min(deadline, time.monotonic() + FAILED_NODE_GRACE_S)
+            time.sleep(0.2)
+            codes = [launch.poll() for launch in launches]
     finally:
         for launch, log in zip(launches, logs):
-            launch.kill()
+            with contextlib.suppress(ProcessLookupError):  # torchrun and any worker it left behind
+                os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
             log.close()
-    return [(code, (tmp_path / f"node{r}.log").read_text()) for r, code in enumerate(codes)]
+    outputs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    assert codes != [None, None], f"two nodes still running after {timeout} s (port {port}):\n" + "\n".join(
+        f"--- node {r}:\n{output[-3000:]}" for r, output in enumerate(outputs))
+    return list(zip(codes, outputs))
 
 
 def assert_succeeded(results):
