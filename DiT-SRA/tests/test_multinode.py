@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import TREE, gen_sh_arguments, gen_sh_torchrun_arguments, generate_argv, run_script, the_npz
+from conftest import (TREE, gen_sh_arguments, gen_sh_torchrun_arguments, generate_argv, run_script, shared_behaviour,
+                      the_npz)
 from test_train import checkpoint, loss_log, train_args
 from test_train_resume import DIST_ENV, assert_same_state, torchrun
 
@@ -107,6 +108,7 @@ def assert_one_line_on_every_node(results, flag, folder_of_node1):
     assert not any(Path(folder_of_node1).rglob(".shared-check-*"))
 
 
+@shared_behaviour
 def test_training_folder_not_shared_stops_every_node_with_one_line(tmp_path, latent_data_dir):
     """Each node gets its own --output-dir, as when it is on each node's local disk."""
     results = two_nodes(tmp_path, lambda node: train_args(tmp_path / f"local{node}", latent_data_dir,
@@ -116,6 +118,7 @@ def test_training_folder_not_shared_stops_every_node_with_one_line(tmp_path, lat
     assert not (tmp_path / "local0" / "exp" / "checkpoints" / "latest").exists()
 
 
+@shared_behaviour
 def test_sample_folder_not_shared_stops_every_node_with_one_line(tmp_path, ckpt, tiny_vae_dir):
     results = two_nodes(tmp_path, lambda node: generate_argv(ckpt, tmp_path / f"local{node}", tiny_vae_dir),
                         timeout=120)

@@ -8,7 +8,7 @@ build (minutes on 2 cores) is not. test_generate.py compares inductor's samples 
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY, N, generate_argv, run_script, the_npz
+from conftest import FAMILY, N, generate_argv, run_script, shared_behaviour, the_npz
 from torch._dynamo.utils import counters
 
 import generate
@@ -64,6 +64,7 @@ def test_the_padded_last_batch_reuses_the_graphs_and_the_samples_are_the_eager_o
     assert images.shape[0] == N and np.array_equal(images, np.load(base_run[0])["arr_0"])  # aot_eager: same kernels
 
 
+@shared_behaviour
 @pytest.mark.parametrize("compiler, message", [
     ("missing", "error: --compile: torch.compile needs a C++ compiler on the CPU"),  # found before any sampling
     ("builds nothing", "error: --compile: torch.compile failed ("),  # inductor's build fails in the first call

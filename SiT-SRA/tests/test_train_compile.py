@@ -1,8 +1,8 @@
 """train.py --compile: on by default on CUDA only; the student's forward and the teacher's
 `features` go through torch.compile, the first step's time is logged, checkpoints keep plain
-parameter names (no `_orig_mod.` prefix) and load strictly into an uncompiled model, a compiled run
-resumes onto the losses of an uncompiled one, also with two processes; where torch.compile cannot
-work the run ends with one line naming --no-compile instead of running eagerly.
+parameter names (no `_orig_mod.` prefix) and load strictly into an uncompiled model, and a compiled
+run of two processes, stopped and resumed, gives the losses of an uncompiled one; where torch.compile
+cannot work the run ends with one line naming --no-compile instead of running eagerly.
 
 TORCH_COMPILE_OVERRIDE_BACKENDS hands the captured graphs to the aot_eager backend: dynamo capture
 and AOTAutograd run as in a real compiled run, inductor's C++ build (over a minute on 2 cores) does
@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 import torch._inductor.config
-from conftest import MODELS, TINY_MODEL, run_script
+from conftest import MODELS, TINY_MODEL, run_script, shared_behaviour
 from test_train import checkpoint, loss_log, train_args
 from test_train_resume import DIST_ENV, torchrun
 from training import resolve_compile
@@ -26,28 +26,6 @@ NO_CXX = {"CXX": "/no/such/dir/g++"}  # inductor's compiler for CPU kernels (tor
 
 def losses(out):
     return [(r["step"], r["loss"], r["align_loss"]) for r in map(json.loads, loss_log(out).splitlines())]
-
-
-def test_compiled_run_traces_both_models_and_saves_plain_state_dicts(tmp_path, latent_data_dir):
-    result = run_script(*train_args(tmp_path, latent_data_dir, "--max-train-steps", "2", "--compile"), env=COMPILED)
-    for traced in ("start tracing forward", "start tracing features", "calling compiler function aot_eager"):
-        assert traced in result.stderr, f"no '{traced}' in the dynamo log: --compile compiled nothing"
-    assert "first step, compiling included: " in (tmp_path / "exp" / "log.txt").read_text()
-    ckpt = checkpoint(tmp_path, "step-2.pt")
-    for key in ("model", "ema"):
-        fresh = MODELS[TINY_MODEL](input_size=4, num_classes=10)
-        fresh.load_state_dict(ckpt[key], strict=True)
-
-
-def test_compiled_run_resumes_onto_the_uncompiled_losses(tmp_path, latent_data_dir):
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_script(*train_args(eager, latent_data_dir, "--max-train-steps", "4"))
-    run_script(*train_args(compiled, latent_data_dir, "--max-train-steps", "2", "--compile"), env=COMPILED)
-    run_script(*train_args(compiled, latent_data_dir, "--max-train-steps", "4", "--compile", "--resume-ckpt", "latest"),
-               env=COMPILED)
-    expected, got = losses(eager), losses(compiled)
-    assert [r[0] for r in got] == [1, 2, 3, 4]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 def test_compile_is_the_default_on_cuda_only():
@@ -67,6 +45,7 @@ def test_missing_cpu_compiler_is_named_with_no_compile():
             resolve_compile(argparse.Namespace(compile=True), torch.device("cpu"))
 
 
+@shared_behaviour
 def test_train_compile_without_a_compiler_stops_with_one_line(tmp_path, latent_data_dir):
     result = run_script(*train_args(tmp_path / "compiled", latent_data_dir, "--max-train-steps", "1", "--compile"),
                         env=NO_CXX, check=False)
@@ -79,6 +58,7 @@ def test_train_compile_without_a_compiler_stops_with_one_line(tmp_path, latent_d
     assert json.loads((tmp_path / "eager" / "exp" / "args.json").read_text())["compile"] is False
 
 
+@shared_behaviour
 def test_a_compile_failure_stops_the_run_with_one_line_instead_of_training_eagerly(tmp_path, latent_data_dir):
     """A C++ compiler that answers --version but builds nothing passes the check; inductor's build then fails
     for real in the first step (a private inductor cache, so no kernel comes from an earlier run)."""
@@ -95,11 +75,22 @@ def test_a_compile_failure_stops_the_run_with_one_line_instead_of_training_eager
     assert not (tmp_path / "exp" / "losses.jsonl").exists() or not loss_log(tmp_path).strip()  # no step was trained
 
 
-def test_compiled_run_with_two_processes_matches_the_uncompiled_losses(tmp_path, latent_data_dir):
+def test_compiled_two_process_run_traces_both_models_saves_plain_weights_and_resumes_onto_the_eager_losses(
+        tmp_path, latent_data_dir):
+    """Two processes: 4 eager steps; 2 compiled steps, then resumed compiled to 4: the same losses."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_script(*torchrun(*train_args(eager, latent_data_dir, "--max-train-steps", "2", "--batch-size", "2")),
+    two_steps = ["--batch-size", "2", "--max-train-steps", "2", "--compile"]
+    run_script(*torchrun(*train_args(eager, latent_data_dir, "--batch-size", "2", "--max-train-steps", "4")),
                env=DIST_ENV)
-    result = run_script(*torchrun(*train_args(compiled, latent_data_dir, "--max-train-steps", "2", "--batch-size", "2",
-                                              "--compile")), env={**DIST_ENV, **COMPILED})
-    assert result.stderr.count("start tracing features") >= 2, "not every process compiled the teacher"
-    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-5, atol=0)
+    result = run_script(*torchrun(*train_args(compiled, latent_data_dir, *two_steps)), env={**DIST_ENV, **COMPILED})
+    for traced in ("start tracing forward", "start tracing features", "calling compiler function aot_eager"):
+        assert result.stderr.count(traced) >= 2, f"'{traced}' not in every process's dynamo log"
+    assert "first step, compiling included: " in (compiled / "exp" / "log.txt").read_text()
+    ckpt = checkpoint(compiled, "step-2.pt")
+    for key in ("model", "ema"):
+        MODELS[TINY_MODEL](input_size=4, num_classes=10).load_state_dict(ckpt[key], strict=True)
+    run_script(*torchrun(*train_args(compiled, latent_data_dir, *two_steps[:2], "--max-train-steps", "4", "--compile",
+                                     "--resume-ckpt", "latest")), env={**DIST_ENV, **COMPILED})
+    got = losses(compiled)
+    assert [r[0] for r in got] == [1, 2, 3, 4]
+    torch.testing.assert_close(got, losses(eager), rtol=1e-5, atol=0)
