@@ -85,28 +85,48 @@ def _float16_norms(x16):
     return _float16(_float16(x16 * x16).sum(1))
 
 
-def _self_products(x16, bands=SELF_PRODUCT_BANDS):
-    """x16 @ x16.T (N, N) float32 from the bands on and above the diagonal (about (bands + 1) / (2 bands) of the
-    work), each entry below it the mirror of the one above: the product is symmetric up to float32 rounding, which
-    the float16 rounding of the distances then removes."""
-    products = torch.empty(len(x16), len(x16), device=x16.device)
+class _Scratch:
+    """Block-sized tensors reused by every block of one precision/recall call: the float32 products, the float32
+    distances and their float16 working copy, a comparison mask. Allocated per block, the allocator handed back and
+    paged in again tens of MB per block, about a quarter of the time on a CPU."""
+
+    def __init__(self, rows, cols, device):
+        size = rows * cols
+        self.products, self.dist = torch.empty(size, device=device), torch.empty(size, device=device)
+        self.dist16 = torch.empty(size, dtype=torch.float16, device=device)
+        self.mask = torch.empty(size, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def block(flat, rows, cols):
+        """The first rows * cols elements of a scratch tensor as a (rows, cols) block."""
+        return flat[:rows * cols].view(rows, cols)
+
+
+def _self_products(x16, out, bands=SELF_PRODUCT_BANDS):
+    """x16 @ x16.T (N, N) float32 into out (N, N) from the bands on and above the diagonal (about (bands + 1) /
+    (2 bands) of the work), each entry below it the mirror of the one above: the product is symmetric up to float32
+    rounding, which the float16 rounding of the distances then removes. Returns out."""
     step = -(-len(x16) // bands)
     for start in range(0, len(x16), step):
         band = x16[start:start + step] @ x16[start:].T
-        products[start:start + step, start:] = band
-        products[start + step:, start:start + step] = band[:, step:].T
-    return products
+        out[start:start + step, start:] = band
+        out[start + step:, start:start + step] = band[:, step:].T
+    return out
 
 
-def _distances(products, norm_u, norm_v, u, v):
+def _distances(products, norm_u, norm_v, u, v, scratch=None):
     """Squared distances (R, C) float32 from the products (R, C) of float16-rounded u (R, D) and v (C, D) and their
-    float16 norms: in float16 as the suite, or over again in float32 from u, v when anything overflows.
+    float16 norms: in float16 as the suite, or over again in float32 from u, v when anything overflows. With a
+    _Scratch, the result is its `dist` block (valid until the next call), else a new tensor.
 
     Each op runs in float16 in place and rounds as the suite's float16 graph does; -2 p is exact (or -inf, when 2 p
     overflows). After the clamp only inf and NaN are not finite, and max passes both on."""
-    dist = products.half().mul_(-2).add_(norm_u.half()[:, None]).add_(norm_v.half()[None, :]).clamp_(min=0)
-    if torch.isfinite(dist.max()):
-        return dist.float()
+    rows, cols = products.shape
+    dist16 = (torch.empty((rows, cols), dtype=torch.float16, device=products.device) if scratch is None
+              else scratch.block(scratch.dist16, rows, cols))
+    dist16.copy_(products).mul_(-2).add_(norm_u.half()[:, None]).add_(norm_v.half()[None, :]).clamp_(min=0)
+    if torch.isfinite(dist16.max()):
+        return dist16.float() if scratch is None else scratch.block(scratch.dist, rows, cols).copy_(dist16)
     return ((u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None, :]).clamp_(min=0)
 
 
@@ -127,24 +147,31 @@ def _smallest(nearest, dist, count):
     return torch.cat([nearest, candidates], dim=1).topk(count, dim=1, largest=False).values
 
 
-def manifold_radii(features, k=K_NEIGHBOURS, block=BLOCK):
+def manifold_radii(features, k=K_NEIGHBOURS, block=BLOCK, scratch=None):
     """features (N, D) tensor -> (N,) squared distance of each point to its k-th nearest neighbour, itself not
-    counted (the (k+1)-th smallest distance with itself at 0), from distances in blocks of block x block.
+    counted (the (k+1)-th smallest distance with itself at 0), from distances in blocks of block x block (in
+    `scratch`, a _Scratch of at least that size, when given).
 
     Each pair of blocks shares one product: distances of block a to block b, and of b to a from its transpose,
     each rounded (and checked for float16 overflow) on its own, as the suite's two blocks."""
     f16 = _float16(features)
     norms = _float16_norms(f16)
+    side = min(block, len(features))
+    scratch = scratch or _Scratch(side, side, features.device)
     nearest = torch.full((len(features), k + 1), math.inf, device=features.device)
     blocks = [slice(start, start + block) for start in range(0, len(features), block)]
     for i, a in enumerate(blocks):
         for b in blocks[i:]:
-            products = _self_products(f16[a]) if a == b else f16[a] @ f16[b].T
-            nearest[a] = _smallest(nearest[a], _distances(products, norms[a], norms[b], features[a], features[b]),
-                                   k + 1)
+            products = scratch.block(scratch.products, len(f16[a]), len(f16[b]))
+            if a == b:
+                _self_products(f16[a], products)
+            else:
+                torch.mm(f16[a], f16[b].T, out=products)
+            nearest[a] = _smallest(nearest[a], _distances(products, norms[a], norms[b], features[a], features[b],
+                                                          scratch), k + 1)
             if a != b:
                 nearest[b] = _smallest(nearest[b], _distances(products.T, norms[b], norms[a], features[b],
-                                                              features[a]), k + 1)
+                                                              features[a], scratch), k + 1)
     return nearest[:, k]
 
 
@@ -159,7 +186,9 @@ def precision_recall(ref_features, sample_features, k=K_NEIGHBOURS, block=BLOCK,
     if min(len(ref), len(sample)) <= k:
         raise ValueError(f"precision/recall with k = {k} needs more than {k} points in each set, "
                          f"got {len(ref)} and {len(sample)}")
-    ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(sample, k, block)
+    side = min(block, max(len(ref), len(sample)))
+    scratch = _Scratch(side, side, ref.device)
+    ref_radii, sample_radii = manifold_radii(ref, k, block, scratch), manifold_radii(sample, k, block, scratch)
     ref16, sample16 = _float16(ref), _float16(sample)
     ref_norms, sample_norms = _float16_norms(ref16), _float16_norms(sample16)
     ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
@@ -168,8 +197,10 @@ def precision_recall(ref_features, sample_features, k=K_NEIGHBOURS, block=BLOCK,
         rows = slice(row, row + block)
         for col in range(0, len(sample), block):
             cols = slice(col, col + block)
-            dist = _distances(ref16[rows] @ sample16[cols].T, ref_norms[rows], sample_norms[cols], ref[rows],
-                              sample[cols])
-            ref_covered[rows] |= (dist <= sample_radii[None, cols]).any(dim=1)
-            sample_covered[cols] |= (dist <= ref_radii[rows, None]).any(dim=0)
+            products = scratch.block(scratch.products, len(ref16[rows]), len(sample16[cols]))
+            torch.mm(ref16[rows], sample16[cols].T, out=products)
+            dist = _distances(products, ref_norms[rows], sample_norms[cols], ref[rows], sample[cols], scratch)
+            mask = scratch.block(scratch.mask, *dist.shape)
+            ref_covered[rows] |= torch.le(dist, sample_radii[None, cols], out=mask).any(dim=1)
+            sample_covered[cols] |= torch.le(dist, ref_radii[rows, None], out=mask).any(dim=0)
     return sample_covered.double().mean().item(), ref_covered.double().mean().item()
