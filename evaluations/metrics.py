@@ -101,6 +101,11 @@ class _Scratch:
         """The first rows * cols elements of a scratch tensor as a (rows, cols) block."""
         return flat[:rows * cols].view(rows, cols)
 
+    def product(self, u16, v16):
+        """u16 (R, D) @ v16 (C, D).T as the (R, C) products block; with u16 is v16, from _self_products."""
+        out = self.block(self.products, len(u16), len(v16))
+        return _self_products(u16, out) if u16 is v16 else torch.mm(u16, v16.T, out=out)
+
 
 def _self_products(x16, out, bands=SELF_PRODUCT_BANDS):
     """x16 @ x16.T (N, N) float32 into out (N, N) from the bands on and above the diagonal (about (bands + 1) /
@@ -162,11 +167,8 @@ def manifold_radii(features, k=K_NEIGHBOURS, block=BLOCK, scratch=None):
     blocks = [slice(start, start + block) for start in range(0, len(features), block)]
     for i, a in enumerate(blocks):
         for b in blocks[i:]:
-            products = scratch.block(scratch.products, len(f16[a]), len(f16[b]))
-            if a == b:
-                _self_products(f16[a], products)
-            else:
-                torch.mm(f16[a], f16[b].T, out=products)
+            rows = f16[a]
+            products = scratch.product(rows, rows if a == b else f16[b])
             nearest[a] = _smallest(nearest[a], _distances(products, norms[a], norms[b], features[a], features[b],
                                                           scratch), k + 1)
             if a != b:
@@ -197,9 +199,8 @@ def precision_recall(ref_features, sample_features, k=K_NEIGHBOURS, block=BLOCK,
         rows = slice(row, row + block)
         for col in range(0, len(sample), block):
             cols = slice(col, col + block)
-            products = scratch.block(scratch.products, len(ref16[rows]), len(sample16[cols]))
-            torch.mm(ref16[rows], sample16[cols].T, out=products)
-            dist = _distances(products, ref_norms[rows], sample_norms[cols], ref[rows], sample[cols], scratch)
+            dist = _distances(scratch.product(ref16[rows], sample16[cols]), ref_norms[rows], sample_norms[cols],
+                              ref[rows], sample[cols], scratch)
             mask = scratch.block(scratch.mask, *dist.shape)
             ref_covered[rows] |= torch.le(dist, sample_radii[None, cols], out=mask).any(dim=1)
             sample_covered[cols] |= torch.le(dist, ref_radii[rows, None], out=mask).any(dim=0)
