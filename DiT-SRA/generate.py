@@ -89,11 +89,11 @@ def guided_loop(loop, cfg_fn, latents, labels, null_class, cfg_scale, step_noise
     cfg_fn(x, t, y=..., cfg_scale=...) (the model's forward_with_cfg), and the first (guided) half is returned."""
     n = len(latents)
 
-    def both_halves(x):
+    def both_halves(noise):
         # Only the first half's noise is drawn (n rows, from the samples' own generators, as without guidance): the
         # second half's x is ignored by forward_with_cfg, which runs both halves on the first, so it needs none.
-        half = step_noise(x[:n])
-        return torch.cat([half, half])
+        noise[n:].copy_(step_noise(noise[:n]))
+        return noise
 
     y = torch.cat([labels, torch.full_like(labels, null_class)])
     out = loop(cfg_fn, (2 * n, *latents.shape[1:]), noise=torch.cat([latents, latents]), clip_denoised=False,
@@ -116,9 +116,9 @@ def sample_batch(args, diffusion, model_fn, vae, indices, device):
     latents = rows.randn((LATENT_CHANNELS, latent_size, latent_size))  # drawn first, then the labels
     labels = rows.randint(args.num_classes)
     if args.sampler == "ddpm":
-        loop, step_noise = diffusion.p_sample_loop, rows.randn_like
+        loop, step_noise = diffusion.p_sample_loop, rows.fill_normal
     else:  # DDIM with eta 0 multiplies its step noise by 0: none is drawn
-        loop, step_noise = diffusion.ddim_sample_loop, torch.zeros_like
+        loop, step_noise = diffusion.ddim_sample_loop, torch.Tensor.zero_
     if args.cfg_scale > 1:
         samples = guided_loop(loop, model_fn, latents, labels, args.num_classes, args.cfg_scale, step_noise)
     else:

@@ -337,6 +337,7 @@ class RowGenerators:
     def __init__(self, seeds, device):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.device = device
+        self._staging = None  # (pinned host buffer, event of its last copy to the GPU), made on the first fill_normal
 
     def randn(self, shape, dtype=torch.float32):
         """(rows, *shape) standard normal draws, row k from generator k."""
@@ -347,15 +348,30 @@ class RowGenerators:
         return self._to_device(torch.cat([torch.randint(high, (1,), generator=g) for g in self.generators]))
 
     def _to_device(self, draws):
-        # From pinned memory the copy is asynchronous: the host draws the next step's noise while the GPU still runs
-        # the model, instead of waiting for the queued work at every step.
         if self.device.type == "cuda":
             return draws.pin_memory().to(self.device, non_blocking=True)
         return draws.to(self.device)
 
-    def randn_like(self, x):
-        """Noise shaped like x (rows, ...) in x's dtype: the samplers' `step_noise`."""
-        return self.randn(x.shape[1:], x.dtype)
+    def fill_normal(self, out):
+        """Fills out (rows, ...), on self.device, with the draws randn(out.shape[1:]) would give, and returns it: the
+        samplers' `step_noise`, which allocates nothing after its first call.
+
+        For a GPU the rows are drawn into one pinned host buffer and copied asynchronously, so the host draws the next
+        step's noise while the GPU still runs the model; the buffer is rewritten only once its last copy has ended.
+        """
+        if out.device.type != "cuda":
+            for row, generator in zip(out, self.generators):
+                row.normal_(generator=generator)
+            return out
+        if self._staging is None or self._staging[0].shape != out.shape or self._staging[0].dtype != out.dtype:
+            self._staging = torch.empty(out.shape, dtype=out.dtype, pin_memory=True), torch.cuda.Event()
+        host, copied = self._staging
+        copied.synchronize()
+        for row, generator in zip(host, self.generators):
+            row.normal_(generator=generator)
+        out.copy_(host, non_blocking=True)
+        copied.record()
+        return out
 
 
 def sample_seed(global_seed, index):

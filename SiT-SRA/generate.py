@@ -89,7 +89,7 @@ def sample_batch(args, model_fn, vae, indices, device):
     sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
     samples = sampler(model_fn, latents, labels, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
                       guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
-                      null_class=args.num_classes, step_noise=rows.randn_like if args.mode == "sde" else None)
+                      null_class=args.num_classes, step_noise=rows.fill_normal if args.mode == "sde" else None)
     return decode_to_uint8(vae, samples.float())
 
 

@@ -27,46 +27,43 @@ import torch
 from path import interpolant
 
 
-def _time_rows(t_steps, rows, device, dtype):
-    """The model's time input for every grid point: (len(t_steps), rows) in the model dtype; row i is t_steps[i]."""
-    return t_steps.to(device=device, dtype=dtype).unsqueeze(1).repeat(1, rows)
+class _Velocity:
+    """The model at fixed shapes for one sampling run, with every buffer of the loop allocated once.
 
-
-def _labels(y, cfg_scale, null_class):
-    """Labels for both call shapes: y (N,) without guidance, [y; null] (2N,) when cfg_scale > 1; y is its first half."""
-    if cfg_scale > 1.0:
-        return torch.cat([y, torch.full_like(y, null_class)])
-    return y
-
-
-def _input_buffer(latents, cfg_scale):
-    """The model's input rows, (2N, C, H, W) when cfg_scale > 1 else (N, C, H, W), in the latents' dtype: allocated
-    once per sampling run and rewritten at every call, so the calls see one tensor of one shape (see _velocity)."""
-    rows = 2 * latents.shape[0] if cfg_scale > 1.0 else latents.shape[0]
-    return latents.new_empty((rows, *latents.shape[1:]))
-
-
-def _velocity(model, x, x_in, t_row, y_in, guided):
-    """Calls the model once; returns its float64 output split into (cond, uncond) halves if guided, else (v,).
-
-    x: (N, C, H, W) float64 state; x_in: _input_buffer's (>= 2N if guided, else >= N) rows, into which x is cast (twice
-    if guided: [x; x]); t_row: (>= 2N,) times in the model dtype; y_in: labels (y, or [y; null]).
+    Its input x_in, times t_in, labels y_in and float64 output are made here and rewritten at every call, so the
+    loop allocates nothing per step and the model (compiled or not) sees one tensor of each of at most two shapes:
+    N rows, and 2N rows [x; x] with labels [y; null] on a guided step.
     """
-    n = x.shape[0]
-    rows = 2 * n if guided else n
-    x_in[:n].copy_(x)
-    if guided:
-        x_in[n:rows].copy_(x_in[:n])
-    out = model(x_in[:rows], t_row[:rows], y_in[:rows]).to(torch.float64)
-    return out.chunk(2) if guided else (out,)
 
+    def __init__(self, model, latents, y, t_steps, cfg_scale, guidance_low, guidance_high, null_class):
+        self.model, self.n, self.cfg_scale = model, latents.shape[0], cfg_scale
+        guides = cfg_scale > 1.0
+        rows = 2 * self.n if guides else self.n
+        self.x_in = latents.new_empty((rows, *latents.shape[1:]))
+        self.t_in = t_steps.to(device=latents.device, dtype=latents.dtype).unsqueeze(1).repeat(1, rows)
+        self.y_in = torch.cat([y, torch.full_like(y, null_class)]) if guides else y
+        self.out = torch.empty(self.x_in.shape, dtype=torch.float64, device=latents.device)
+        self.guided = [guides and guidance_low <= t <= guidance_high for t in t_steps.tolist()]
 
-def _guide(values, cfg_scale):
-    """uncond + cfg_scale * (cond - uncond) for (cond, uncond); the single value itself for (value,)."""
-    if len(values) == 1:
+    def __call__(self, x, i, guided):
+        """The model's float64 output at (x, t_steps[i]) as a (k, N, C, H, W) view of the output buffer: k = 2, the
+        (cond, uncond) halves, if guided, else k = 1. x: (N, C, H, W) float64, cast into x_in (twice if guided)."""
+        n = self.n
+        rows = 2 * n if guided else n
+        self.x_in[:n].copy_(x)
+        if guided:
+            self.x_in[n:rows].copy_(self.x_in[:n])
+        out = self.out[:rows]
+        out.copy_(self.model(self.x_in[:rows], self.t_in[i, :rows], self.y_in[:rows]))
+        return out.view(-1, *x.shape)
+
+    def guide(self, values):
+        """values (k, N, C, H, W) -> (N, C, H, W): for k = 2, uncond + cfg_scale (cond - uncond), written over cond;
+        for k = 1, the value itself."""
+        if len(values) == 2:
+            cond, uncond = values
+            cond.sub_(uncond).mul_(self.cfg_scale).add_(uncond)
         return values[0]
-    cond, uncond = values
-    return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.no_grad()
@@ -84,22 +81,22 @@ def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, gu
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    dtype = latents.dtype
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    t_model = _time_rows(t_steps, 2 * latents.shape[0], latents.device, dtype)
-    y_in = _labels(y, cfg_scale, null_class)
-    x_in = _input_buffer(latents, cfg_scale)
+    velocity = _Velocity(model, latents, y, t_steps, cfg_scale, guidance_low, guidance_high, null_class)
     t_list = t_steps.tolist()
-    x = latents.to(torch.float64)
+    x = latents.to(torch.float64, copy=True)
+    x_next = torch.empty_like(x)
+    half_v = torch.empty_like(x) if heun else None
     for i in range(num_steps):
-        t_cur, t_next = t_list[i], t_list[i + 1]
-        guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
-        v = _guide(_velocity(model, x, x_in, t_model[i], y_in, guided), cfg_scale)
-        x_next = x + (t_next - t_cur) * v
+        dt = t_list[i + 1] - t_list[i]
+        v = velocity.guide(velocity(x, i, velocity.guided[i]))
+        torch.mul(v, dt, out=x_next).add_(x)  # the Euler step x + dt v
         if heun and i < num_steps - 1:
-            v_next = _guide(_velocity(model, x_next, x_in, t_model[i + 1], y_in, guided), cfg_scale)
-            x_next = x + (t_next - t_cur) * (0.5 * v + 0.5 * v_next)
-        x = x_next
+            torch.mul(v, 0.5, out=half_v)
+            v_next = velocity.guide(velocity(x_next, i + 1, velocity.guided[i]))
+            half_v.add_(v_next.mul_(0.5)).mul_(dt)
+            torch.add(x, half_v, out=x_next)  # x + dt (v / 2 + v_next / 2)
+        x, x_next = x_next, x
     return x
 
 
@@ -112,37 +109,36 @@ def euler_maruyama_sampler(model, latents, y, num_steps=250, heun=False, cfg_sca
     num_steps: number of steps (and model calls): num_steps - 1 stochastic steps on linspace(1, 0.04, num_steps),
         then a noise-free step 0.04 -> 0.
     path_type: "linear" or "cosine", the interpolant the model was trained with (needed for the score).
-    step_noise: optional callable step_noise(x) -> noise shaped like x (float64), used instead of
-        torch.randn_like(x); called once per stochastic step, before that step's model call.
+    step_noise: optional callable step_noise(eps) that fills eps, (N, C, H, W) float64, with the step's noise in
+        place of eps.normal_() (the global generator's torch.randn_like draws); called once per stochastic step,
+        before that step's model call.
     heun: accepted for a signature shared with euler_sampler; unused.
     Returns the samples x_0, (N, C, H, W) float64.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    dtype = latents.dtype
     t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.float64)])
-    t_model = _time_rows(t_steps, 2 * latents.shape[0], latents.device, dtype)
-    y_in = _labels(y, cfg_scale, null_class)
-    x_in = _input_buffer(latents, cfg_scale)
+    velocity = _Velocity(model, latents, y, t_steps, cfg_scale, guidance_low, guidance_high, null_class)
     # Score coefficients, s = (ratio * v - x) / var, at every time a step starts from.
     alpha, sigma, d_alpha, d_sigma = interpolant(t_steps[:-1], path_type)
     ratio = alpha / d_alpha
     var = sigma ** 2 - ratio * d_sigma * sigma
     t_list, ratio_list, var_list = t_steps.tolist(), ratio.tolist(), var.tolist()
-    draw = step_noise if step_noise is not None else torch.randn_like
-    x = latents.to(torch.float64)
+    draw = step_noise if step_noise is not None else torch.Tensor.normal_
+    x = latents.to(torch.float64, copy=True)
+    eps, score_term = torch.empty_like(x), torch.empty_like(velocity.out)
 
-    def drift(i, x):
-        """The (guided) drift d = v - g s / 2 at (x, t_i), float64 (N, C, H, W)."""
+    def drift_step(i):
+        """The (guided) drift d = v - g s / 2 at (x, t_i), times dt = t_{i+1} - t_i: (N, C, H, W) float64, a view of
+        the model's output buffer."""
         t_cur = t_list[i]
-        guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
-        half_g = 0.5 * (2 * t_cur)
-        vs = _velocity(model, x, x_in, t_model[i], y_in, guided)
-        return _guide([v - half_g * ((ratio_list[i] * v - x) / var_list[i]) for v in vs], cfg_scale)
+        vs = velocity(x, i, velocity.guided[i])
+        half_g_s = score_term[:vs.shape[0] * velocity.n].view_as(vs)
+        torch.mul(vs, ratio_list[i], out=half_g_s).sub_(x).div_(var_list[i]).mul_(0.5 * (2 * t_cur))
+        return velocity.guide(vs.sub_(half_g_s)).mul_(t_list[i + 1] - t_cur)
 
     for i in range(num_steps - 1):
-        dt = t_list[i + 1] - t_list[i]
-        eps = draw(x)  # drawn before the model call, as in the released sampler
-        x = x + drift(i, x) * dt + math.sqrt(2 * t_list[i]) * (eps * math.sqrt(abs(dt)))
-    return x + drift(num_steps - 1, x) * (t_list[-1] - t_list[-2])
+        draw(eps)  # before the model call, as in the released sampler
+        x.add_(drift_step(i)).add_(eps.mul_(math.sqrt(abs(t_list[i + 1] - t_list[i]))).mul_(math.sqrt(2 * t_list[i])))
+    return x.add_(drift_step(num_steps - 1))

@@ -73,7 +73,7 @@ def sit_modes(args, model, net, device):
                                          device)
         latents = rows.randn((4, latent, latent))
         return samplers.euler_maruyama_sampler(model_fn, latents, labels, num_steps=num_steps,
-                                               step_noise=rows.randn_like, **guidance)
+                                               step_noise=rows.fill_normal, **guidance)
 
     def reference(num_steps):
         latents = torch.randn(args.num_samples, 4, latent, latent, device=device)
@@ -97,8 +97,8 @@ def dit_modes(args, model, net, device):
         latents = rows.randn((4, latent, latent))
         if args.cfg_scale > 1:
             return generate.guided_loop(loop, model_fn, latents, labels, model.num_classes, args.cfg_scale,
-                                        rows.randn_like)
-        return generate.plain_loop(loop, model_fn, latents, labels, rows.randn_like)
+                                        rows.fill_normal)
+        return generate.plain_loop(loop, model_fn, latents, labels, rows.fill_normal)
 
     def reference(num_steps):
         loop = diffusion.create_diffusion(str(num_steps)).p_sample_loop

@@ -236,11 +236,11 @@ class GaussianDiffusion:
     def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None, step_noise=None):
         """One ancestral step x_t -> x_{t-1} = mean + sigma * noise (no noise where t == 0).
 
-        The model is called first; then noise = step_noise(x) if given, else torch.randn_like(x)
-        (drawn at t == 0 too). Returns dict(sample, pred_xstart), each (N, C, ...).
+        The model is called first; then noise = step_noise(torch.empty_like(x)) if given (step_noise fills its
+        argument and returns it), else torch.randn_like(x) (drawn at t == 0 too). Returns dict(sample, pred_xstart), each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = step_noise(x) if step_noise is not None else torch.randn_like(x)
+        noise = step_noise(torch.empty_like(x)) if step_noise is not None else torch.randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -258,7 +258,7 @@ class GaussianDiffusion:
         alpha_bar = self._at("alphas_cumprod", t, x.shape)
         alpha_bar_prev = self._at("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = step_noise(x) if step_noise is not None else torch.randn_like(x)
+        noise = step_noise(torch.empty_like(x)) if step_noise is not None else torch.randn_like(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = mean_pred + nonzero_mask * sigma * noise
@@ -281,8 +281,8 @@ class GaussianDiffusion:
         """Ancestral sampling from x_T = noise (or torch.randn(*shape, device=device)) down to x_0.
 
         shape: (N, C, ...). device defaults to noise's device, else the model's first parameter's.
-        step_noise: optional callable x -> tensor like x replacing torch.randn_like(x) for the
-        per-step noise (e.g. one torch.Generator per sample). Returns x_0, shape (N, C, ...).
+        step_noise: optional callable that fills a tensor like x with the per-step noise in place
+        of torch.randn_like(x) and returns it (e.g. one torch.Generator per sample). Returns x_0, shape (N, C, ...).
         """
         return self._sample_loop(self.p_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
                                  denoised_fn=denoised_fn, model_kwargs=model_kwargs, step_noise=step_noise)

@@ -85,7 +85,7 @@ def _check_moments(sample, allowance):
 
 def _generator_noise(seed):
     g = torch.Generator().manual_seed(seed)
-    return lambda x: torch.randn(x.shape, generator=g)
+    return lambda noise: noise.copy_(torch.randn(noise.shape, generator=g))
 
 
 SHAPE = (8000, 2, 2, 2)  # 32,000 values per channel
@@ -157,7 +157,7 @@ def test_per_sample_generators_make_samples_batch_independent():
     depend on which other samples share its batch."""
     def per_sample_noise(seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return lambda x: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+        return lambda noise: noise.copy_(torch.stack([torch.randn(noise.shape[1:], generator=g) for g in gens]))
 
     start = torch.randn(SMALL)
     batch = _small_run(noise=start, step_noise=per_sample_noise([10, 11, 12]))
@@ -175,9 +175,9 @@ def test_model_called_before_noise_at_every_step():
         events.append(("model", int(t[0])))
         return model(x, t)
 
-    def recording_noise(x):
+    def recording_noise(noise):
         events.append(("noise",))
-        return torch.randn_like(x)
+        return noise.normal_()
 
     diffusion.p_sample_loop(recording_model, SMALL, noise=torch.randn(SMALL), step_noise=recording_noise)
     steps = sorted(space_timesteps(1000, "5"), reverse=True)

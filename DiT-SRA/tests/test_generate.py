@@ -89,15 +89,15 @@ def test_guided_half_is_forward_with_cfg_guidance_of_the_samples_own_noise(scale
 
     latents, labels, rows = noise()
     guided = generate.guided_loop(diffusion.p_sample_loop, model.forward_with_cfg, latents, labels, CLASSES, scale,
-                                  rows.randn_like)
+                                  rows.fill_normal)
     latents, labels, rows = noise()
     by_hand = generate.guided_loop(diffusion.p_sample_loop, manual_guidance(model), latents, labels, CLASSES,
-                                   scale, rows.randn_like)
+                                   scale, rows.fill_normal)
     assert guided.shape == latents.shape
     tolerance = 1e-5 * by_hand.abs().max().item()
     torch.testing.assert_close(guided, by_hand, rtol=0, atol=tolerance)
     latents, labels, rows = noise()
-    plain = generate.plain_loop(diffusion.p_sample_loop, model, latents, labels, rows.randn_like)
+    plain = generate.plain_loop(diffusion.p_sample_loop, model, latents, labels, rows.fill_normal)
     if scale == 1.0:
         torch.testing.assert_close(guided, plain, rtol=0, atol=tolerance)
     else:

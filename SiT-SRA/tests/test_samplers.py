@@ -14,6 +14,9 @@ import pytest
 import torch
 from path import interpolant
 from samplers import euler_maruyama_sampler, euler_sampler
+from sampling_io import RowGenerators, sample_seed
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 N_SAMPLES = 20_000
 
@@ -266,10 +269,10 @@ def test_sde_time_grid_noise_count_and_order():
         events.append("model")
         return model(x, t, y)
 
-    def step_noise(x):
+    def step_noise(eps):
         events.append("noise")
-        assert x.dtype == torch.float64
-        return torch.zeros_like(x)
+        assert eps.dtype == torch.float64 and eps.shape == (3, 1, 1, 1)
+        return eps.zero_()
 
     euler_maruyama_sampler(recording_model, _noise((3, 1, 1, 1)), _labels(3), num_steps=num_steps,
                            step_noise=step_noise)
@@ -289,7 +292,7 @@ def test_sde_steps_follow_the_spec_formulas(path_type):
     eps = [_noise(z.shape, seed) for seed in (1, 2)]
     draws = iter(eps)
     out = euler_maruyama_sampler(model, z, y, num_steps=3, cfg_scale=scale, path_type=path_type,
-                                 null_class=null, step_noise=lambda x: next(draws))
+                                 null_class=null, step_noise=lambda eps: eps.copy_(next(draws)))
 
     def drift(x, t):
         alpha, sigma, d_alpha, d_sigma = (float(c) for c in interpolant(torch.tensor(t, dtype=torch.float64), path_type))
@@ -308,8 +311,8 @@ def test_sde_steps_follow_the_spec_formulas(path_type):
 
 
 def test_sde_global_rng_draws():
-    """Without step_noise: exactly num_steps - 1 float64 randn_like(x) draws from the global RNG, and passing
-    step_noise=torch.randn_like reproduces that run; with another step_noise the global RNG is not touched."""
+    """Without step_noise: exactly num_steps - 1 float64 randn_like(x) draws from the global RNG, and a step_noise
+    writing torch.randn_like draws reproduces that run; with another step_noise the global RNG is not touched."""
     num_steps, shape = 5, (4, 2, 3, 3)
     model = GaussianModel([0.3, -1.0], [0.8, 1.2], "linear")
     z, y = _noise(shape), _labels(shape[0])
@@ -323,12 +326,13 @@ def test_sde_global_rng_draws():
     assert torch.equal(after, torch.randn(8))
 
     torch.manual_seed(0)
-    assert torch.equal(out, euler_maruyama_sampler(model, z, y, num_steps=num_steps, step_noise=torch.randn_like))
+    assert torch.equal(out, euler_maruyama_sampler(model, z, y, num_steps=num_steps,
+                                                      step_noise=lambda eps: eps.copy_(torch.randn_like(eps))))
 
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     euler_maruyama_sampler(model, z, y, num_steps=num_steps,
-                           step_noise=lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype))
+                           step_noise=lambda eps: eps.normal_(generator=generator))
     untouched = torch.randn(8)
     torch.manual_seed(0)
     assert torch.equal(untouched, torch.randn(8))
@@ -337,7 +341,8 @@ def test_sde_global_rng_draws():
 def _per_sample_noise(seeds):
     """A step_noise drawing each row's noise from its own generator (what generate.py does)."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return lambda x: torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generators])
+    return lambda eps: eps.copy_(torch.stack([torch.randn(eps.shape[1:], generator=g, dtype=eps.dtype)
+                                              for g in generators]))
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -384,3 +389,53 @@ def test_model_called_in_latent_dtype_and_output_float64(sampler, dtype):
 def test_rejects_zero_steps(sampler):
     with pytest.raises(ValueError, match="num_steps"):
         sampler(GaussianModel([0.0], [1.0], "linear"), _noise((1, 1, 1, 1)), _labels(1), num_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: the loop allocates nothing per step
+
+
+class LoopAllocations(TorchDispatchMode):
+    """Records every op run outside the model's calls whose output owns new storage (an allocation); views, in-place
+    ops and out= ops write into storage they were given and are not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_model = False
+        self.ops = []
+
+    def model(self, model):
+        """model, with its calls (and their allocations) left out of the record."""
+        def call(*args):
+            self.in_model = True
+            try:
+                return model(*args)
+            finally:
+                self.in_model = False
+        return call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.in_model:
+            given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            if any(t.untyped_storage().data_ptr() not in given for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("sampler, heun", [(euler_sampler, False), (euler_sampler, True), (euler_maruyama_sampler, False)])
+def test_loop_allocates_nothing_per_step(sampler, heun):
+    """A run of 12 steps allocates, outside the model, exactly what a run of 3 does (its buffers, once): with guidance
+    on part of the steps, Heun, and the SDE's step noise from generate.py's per-sample generators."""
+    model = ClassGaussianModel([-2.0, 0.5, 3.0], 0.7, null_class=3)
+    seeds = [sample_seed(0, i) for i in range(4)]
+    allocations = []
+    for num_steps in (3, 12):
+        record = LoopAllocations()
+        z, y = _noise((4, 1, 2, 2)).float(), _labels(4)
+        with record:
+            sampler(record.model(model), z, y, num_steps=num_steps, heun=heun, cfg_scale=2.0, guidance_high=0.6,
+                    null_class=3, step_noise=RowGenerators(seeds, torch.device("cpu")).fill_normal)
+        allocations.append(record.ops)
+    assert allocations[0] == allocations[1]
+    assert len(model.calls) == sum(2 * n - 1 if heun else n for n in (3, 12))

@@ -34,10 +34,21 @@ def test_row_draws_depend_only_on_their_own_seed():
     batch = sampling_io.RowGenerators(seeds, torch.device("cpu"))
     alone = sampling_io.RowGenerators(seeds[3:4], torch.device("cpu"))
     for draw in (lambda r: r.randn((4, 2, 2)), lambda r: r.randint(10),
-                 lambda r: r.randn_like(torch.zeros(len(r.generators), 4, 2, 2, dtype=torch.float64))):
+                 lambda r: r.fill_normal(torch.zeros(len(r.generators), 4, 2, 2, dtype=torch.float64))):
         together, single = draw(batch), draw(alone)
         assert torch.equal(together[3:4], single)
         assert not torch.equal(together[2], together[3])
+
+
+def test_fill_normal_writes_the_draws_of_randn():
+    """fill_normal (the samplers' step noise) writes into the tensor it is given, step after step, what randn of one
+    row's shape gives from the same generators."""
+    seeds = [3, 4, 5]
+    filled, drawn = (sampling_io.RowGenerators(seeds, torch.device("cpu")) for _ in range(2))
+    out = torch.empty(3, 4, 2, 2, dtype=torch.float64)
+    for _ in range(2):
+        assert filled.fill_normal(out) is out
+        assert torch.equal(out, drawn.randn((4, 2, 2), torch.float64))
 
 
 def common_flags(**changes):
