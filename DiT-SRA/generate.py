@@ -138,7 +138,7 @@ def generate(args, procs, weights):
 
 
 def main(args):
-    weights = read_checkpoint(args, RELEASED_DEFAULTS)
+    weights = read_checkpoint(args, RELEASED_DEFAULTS, DiT_models)
     check_flags(args)
     run_on_processes(generate, args, weights)
 

@@ -205,11 +205,15 @@ def fill_unset_flags(args, saved_args, released_defaults):
     return args
 
 
-def read_checkpoint(args, released_defaults):
+def read_checkpoint(args, released_defaults, models):
     """Loads --ckpt (a path, or a released name: utils.checkpoint_file) and fills the unset flags from it
     (`fill_unset_flags`), a released checkpoint's known settings (utils.RELEASED_CHECKPOINTS) coming before the
     released generate.py's defaults. Returns its Weights; the rest of the checkpoint (the training weights, the
-    optimizer) is not kept."""
+    optimizer) is not kept. A released name of a model not in `models` (this tree's) is refused before its download."""
+    released_model = RELEASED_CHECKPOINTS.get(args.ckpt, {}).get("model")
+    if released_model not in (None, *models) and not Path(args.ckpt).exists():
+        raise UserError(f"--ckpt {args.ckpt} is the released {released_model} checkpoint, which this generate.py "
+                        f"does not sample: use {released_model.split('-')[0]}-SRA/generate.py")
     checkpoint = load_checkpoint(checkpoint_file(args.ckpt), "--ckpt")
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, dict):  # args saved as vars(args)

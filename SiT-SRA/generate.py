@@ -113,7 +113,7 @@ def refuse_original_sit(args, weights):
 
 
 def main(args):
-    weights = read_checkpoint(args, RELEASED_DEFAULTS)
+    weights = read_checkpoint(args, RELEASED_DEFAULTS, SiT_models)
     refuse_original_sit(args, weights)
     check_flags(args)
     run_on_processes(generate, args, weights)

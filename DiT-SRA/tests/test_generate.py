@@ -49,15 +49,15 @@ def test_direct_call_defaults_are_the_released_generate_py():
 
 def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(ckpt, tmp_path):
     args = generate.parse_args(["--ckpt", str(ckpt)])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.DiT_models)
     assert (args.model, args.resolution, args.num_classes) == (SAMPLE_MODEL, RES, CLASSES)
     args = generate.parse_args(["--ckpt", str(ckpt), "--model", "DiT-B/4", "--image-size", "64"])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.DiT_models)
     assert (args.model, args.resolution, args.num_classes) == ("DiT-B/4", 64, CLASSES)
     path = tmp_path / "unknown.pt"
     torch.save(training_checkpoint(sampling_model().state_dict(), model_name="DiT-Q/2"), path)
     args = generate.parse_args(["--ckpt", str(path)])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.DiT_models)
     with pytest.raises(UserError, match="trained with --model DiT-Q/2"):
         generate.check_flags(args)
 

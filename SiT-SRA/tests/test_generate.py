@@ -51,15 +51,15 @@ def test_unset_model_flags_come_from_the_checkpoint_and_a_given_flag_wins(tmp_pa
     checkpoint["args"].path_type = "cosine"
     torch.save(checkpoint, path)
     args = generate.parse_args(["--ckpt", str(path)])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.SiT_models)
     assert (args.model, args.resolution, args.num_classes, args.path_type) == ("SiT-S/2", RES, CLASSES, "cosine")
     args = generate.parse_args(["--ckpt", str(path), "--model", "SiT-B/4", "--resolution", "64", "--path-type", "linear"])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.SiT_models)
     assert (args.model, args.resolution, args.num_classes, args.path_type) == ("SiT-B/4", 64, CLASSES, "linear")
     checkpoint["args"].model = "SiT-Q/2"
     torch.save(checkpoint, path)
     args = generate.parse_args(["--ckpt", str(path)])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.SiT_models)
     with pytest.raises(UserError, match="trained with --model SiT-Q/2 --path-type cosine"):
         generate.check_flags(args)
 
@@ -84,10 +84,10 @@ def test_a_released_checkpoint_samples_with_its_released_guidance_unless_given(n
     shutil.copyfile(ckpt, tmp_path / name)
     for flags, expected in (([], (cfg, 0.0, 0.7)), (["--cfg-scale", "1.0", "--guidance-high", "1.0"], (1.0, 0.0, 1.0))):
         args = generate.parse_args(["--ckpt", str(tmp_path / name), *flags])
-        generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+        generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.SiT_models)
         assert (args.cfg_scale, args.guidance_low, args.guidance_high) == expected
     args = generate.parse_args(["--ckpt", str(ckpt)])
-    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS)
+    generate.read_checkpoint(args, generate.RELEASED_DEFAULTS, generate.SiT_models)
     assert (args.cfg_scale, args.guidance_low, args.guidance_high) == (1.8, 0.0, 1.0)
 
 
