@@ -63,8 +63,9 @@ def build_diffusion(args):
 def check_flags(args):
     """Flag errors, once the checkpoint has filled the unset flags: raises UserError naming the flag."""
     if args.model not in DiT_models:
+        remedy = "sample it with SiT-SRA/generate.py" if args.model.startswith("SiT-") else "pass --model"
         raise UserError(f"--ckpt {args.ckpt} was trained with --model {args.model}, which this generate.py does not "
-                        "have; pass --model")
+                        f"have; {remedy}")
     check_common_flags(args)
     build_diffusion(args)
 

@@ -55,8 +55,9 @@ def parse_args(argv=None):
 def check_flags(args):
     """Flag errors, once the checkpoint has filled the unset flags: raises UserError naming the flag."""
     if args.model not in SiT_models or args.path_type not in PATH_TYPES:
+        remedy = "sample it with DiT-SRA/generate.py" if args.model.startswith("DiT-") else "pass --model and --path-type"
         raise UserError(f"--ckpt {args.ckpt} was trained with --model {args.model} --path-type {args.path_type}, "
-                        "which this generate.py does not have; pass --model and --path-type")
+                        f"which this generate.py does not have; {remedy}")
     check_common_flags(args)
     if args.num_steps < 1:
         raise UserError(f"--num-steps {args.num_steps} must be at least 1")

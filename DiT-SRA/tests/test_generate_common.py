@@ -270,6 +270,18 @@ def test_errors_are_one_line_before_any_sampling(name, ckpt, tiny_vae_dir, tmp_p
     assert_nothing_written(tmp_path)
 
 
+def test_a_checkpoint_of_the_other_family_names_the_generate_py_that_samples_it(tmp_path, capsys):
+    other = {"SiT": "DiT", "DiT": "SiT"}[FAMILY]
+    path = tmp_path / "other.pt"
+    torch.save(training_checkpoint({"w": torch.zeros(1)}, model_name=f"{other}-XL/2"), path)
+    with pytest.raises(SystemExit) as exited:
+        run_main(lambda: generate.main(generate.parse_args(["--ckpt", str(path), "--sample-dir", str(tmp_path / "s")])))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"was trained with --model {other}-XL/2" in err and err.endswith(f"sample it with {other}-SRA/generate.py\n")
+    assert not (tmp_path / "s").exists()
+
+
 def test_another_architecture_exits_2_with_one_line_and_no_sample_folder(tiny_vae_dir, tmp_path):
     path = tmp_path / "other.pt"
     torch.save(training_checkpoint(sampling_model(OTHER_ARCHITECTURE).state_dict(), OTHER_ARCHITECTURE), path)
