@@ -19,6 +19,8 @@ Classifier-free guidance: when cfg_scale > 1 and guidance_low <= t_i <= guidance
 the SDE). A Heun correction uses the guidance decision of its step's t_i, as the released code does.
 
 Integration runs in float64; the model sees x and t in the latents' dtype, its output is cast back to float64.
+The loops allocate nothing per step: their buffers are made once per call, and the float64 arithmetic runs in place,
+operation by operation as the formulas above write it (so its numbers are those of the plain expressions).
 Both samplers reproduce the behaviour of the REPA / SRA released samplers, including the order of random draws.
 """
 import math
