@@ -236,8 +236,9 @@ class GaussianDiffusion:
     def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None, step_noise=None):
         """One ancestral step x_t -> x_{t-1} = mean + sigma * noise (no noise where t == 0).
 
-        The model is called first; then noise = step_noise(torch.empty_like(x)) if given (step_noise fills its
-        argument and returns it), else torch.randn_like(x) (drawn at t == 0 too). Returns dict(sample, pred_xstart), each (N, C, ...).
+        The model is called first; then noise = step_noise(torch.empty_like(x)) if given (step_noise
+        fills its argument and returns it), else torch.randn_like(x) (drawn at t == 0 too).
+        Returns dict(sample, pred_xstart), each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = step_noise(torch.empty_like(x)) if step_noise is not None else torch.randn_like(x)
@@ -282,7 +283,8 @@ class GaussianDiffusion:
 
         shape: (N, C, ...). device defaults to noise's device, else the model's first parameter's.
         step_noise: optional callable that fills a tensor like x with the per-step noise in place
-        of torch.randn_like(x) and returns it (e.g. one torch.Generator per sample). Returns x_0, shape (N, C, ...).
+        of torch.randn_like(x) and returns it (e.g. one torch.Generator per sample).
+        Returns x_0, shape (N, C, ...).
         """
         return self._sample_loop(self.p_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
                                  denoised_fn=denoised_fn, model_kwargs=model_kwargs, step_noise=step_noise)
