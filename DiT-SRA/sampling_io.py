@@ -210,11 +210,7 @@ def read_checkpoint(args, released_defaults, models):
     (`fill_unset_flags`), a released checkpoint's known settings (utils.RELEASED_CHECKPOINTS) coming before the
     released generate.py's defaults. Returns its Weights; the rest of the checkpoint (the training weights, the
     optimizer) is not kept. A released name of a model not in `models` (this tree's) is refused before its download."""
-    released_model = RELEASED_CHECKPOINTS.get(args.ckpt, {}).get("model")
-    if released_model not in (None, *models) and not Path(args.ckpt).exists():
-        raise UserError(f"--ckpt {args.ckpt} is the released {released_model} checkpoint, which this generate.py "
-                        f"does not sample: use {released_model.split('-')[0]}-SRA/generate.py")
-    checkpoint = load_checkpoint(checkpoint_file(args.ckpt), "--ckpt")
+    checkpoint = load_checkpoint(checkpoint_file(args.ckpt, "--ckpt", models), "--ckpt")
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, dict):  # args saved as vars(args)
         saved = argparse.Namespace(**saved)
@@ -341,7 +337,7 @@ class RowGenerators:
     def __init__(self, seeds, device):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.device = device
-        self._staging = None  # (pinned host buffer, event of its last copy to the GPU), made on the first fill_normal
+        self._host = self._copied = None  # fill_normal's pinned buffer and the event of its last copy to the GPU
 
     def randn(self, shape, dtype=torch.float32):
         """(rows, *shape) standard normal draws, row k from generator k."""
@@ -363,19 +359,20 @@ class RowGenerators:
         For a GPU the rows are drawn into one pinned host buffer and copied asynchronously, so the host draws the next
         step's noise while the GPU still runs the model; the buffer is rewritten only once its last copy has ended.
         """
-        if out.device.type != "cuda":
-            for row, generator in zip(out, self.generators):
-                row.normal_(generator=generator)
-            return out
-        if self._staging is None or self._staging[0].shape != out.shape or self._staging[0].dtype != out.dtype:
-            self._staging = torch.empty(out.shape, dtype=out.dtype, pin_memory=True), torch.cuda.Event()
-        host, copied = self._staging
-        copied.synchronize()
-        for row, generator in zip(host, self.generators):
+        draws = self._host_buffer(out) if out.device.type == "cuda" else out
+        for row, generator in zip(draws, self.generators):
             row.normal_(generator=generator)
-        out.copy_(host, non_blocking=True)
-        copied.record()
+        if draws is not out:
+            out.copy_(draws, non_blocking=True)
+            self._copied.record()
         return out
+
+    def _host_buffer(self, out):
+        """A pinned host tensor like out, the same one at every call, returned once its last copy has ended."""
+        if self._host is None or self._host.shape != out.shape or self._host.dtype != out.dtype:
+            self._host, self._copied = torch.empty(out.shape, dtype=out.dtype, pin_memory=True), torch.cuda.Event()
+        self._copied.synchronize()
+        return self._host
 
 
 def sample_seed(global_seed, index):

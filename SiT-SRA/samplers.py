@@ -47,10 +47,12 @@ class _Velocity:
         self.out = torch.empty(self.x_in.shape, dtype=torch.float64, device=latents.device)
         self.guided = [guides and guidance_low <= t <= guidance_high for t in t_steps.tolist()]
 
-    def __call__(self, x, i, guided):
+    def __call__(self, x, i, guided=None):
         """The model's float64 output at (x, t_steps[i]) as a (k, N, C, H, W) view of the output buffer: k = 2, the
-        (cond, uncond) halves, if guided, else k = 1. x: (N, C, H, W) float64, cast into x_in (twice if guided)."""
+        (cond, uncond) halves, if guided (by default step i's guidance decision), else k = 1.
+        x: (N, C, H, W) float64, cast into x_in (twice if guided)."""
         n = self.n
+        guided = self.guided[i] if guided is None else guided
         rows = 2 * n if guided else n
         self.x_in[:n].copy_(x)
         if guided:
@@ -91,11 +93,11 @@ def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, gu
     half_v = torch.empty_like(x) if heun else None
     for i in range(num_steps):
         dt = t_list[i + 1] - t_list[i]
-        v = velocity.guide(velocity(x, i, velocity.guided[i]))
+        v = velocity.guide(velocity(x, i))
         torch.mul(v, dt, out=x_next).add_(x)  # the Euler step x + dt v
         if heun and i < num_steps - 1:
             torch.mul(v, 0.5, out=half_v)
-            v_next = velocity.guide(velocity(x_next, i + 1, velocity.guided[i]))
+            v_next = velocity.guide(velocity(x_next, i + 1, guided=velocity.guided[i]))
             half_v.add_(v_next.mul_(0.5)).mul_(dt)
             torch.add(x, half_v, out=x_next)  # x + dt (v / 2 + v_next / 2)
         x, x_next = x_next, x
@@ -135,7 +137,7 @@ def euler_maruyama_sampler(model, latents, y, num_steps=250, heun=False, cfg_sca
         """The (guided) drift d = v - g s / 2 at (x, t_i), times dt = t_{i+1} - t_i: (N, C, H, W) float64, a view of
         the model's output buffer."""
         t_cur = t_list[i]
-        vs = velocity(x, i, velocity.guided[i])
+        vs = velocity(x, i)
         half_g_s = score_term[:vs.shape[0] * velocity.n].view_as(vs)
         torch.mul(vs, ratio_list[i], out=half_g_s).sub_(x).div_(var_list[i]).mul_(0.5 * (2 * t_cur))
         return velocity.guide(vs.sub_(half_g_s)).mul_(t_list[i + 1] - t_cur)

@@ -90,13 +90,18 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
 
 
-def checkpoint_file(ckpt, flag="--ckpt"):
+def checkpoint_file(ckpt, flag="--ckpt", models=None):
     """The file of --ckpt: an existing path as given; a released name (RELEASED_CHECKPOINTS) that is not one is
     downloaded once from the Hugging Face repository RELEASED_REPO into the hub cache (HF_HOME, HF_HUB_CACHE), which
-    later runs read without the network. Offline or with the hub unreachable, a one-line UserError."""
+    later runs read without the network. Offline or with the hub unreachable, a one-line UserError. models: a
+    generate.py's model names; a released name of another model is refused before its download."""
     name = Path(ckpt).name
     if Path(ckpt).exists() or ckpt != name or name not in RELEASED_CHECKPOINTS:
         return Path(ckpt)
+    released_model = RELEASED_CHECKPOINTS[name]["model"]
+    if models is not None and released_model not in models:
+        raise UserError(f"{flag} {name} is the released {released_model} checkpoint, which this generate.py does not "
+                        f"sample: use {released_model.split('-')[0]}-SRA/generate.py")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import logging as hub_logging
 
