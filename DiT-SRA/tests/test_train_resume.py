@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY, MODELS, TINY_MODEL, TREE, run_script
+from conftest import FAMILY, MODELS, TINY_MODEL, TREE, run_script, shared_behaviour
 from test_train import checkpoint, loss_log, train_args
 
 from utils import load_checkpoint
@@ -48,6 +48,43 @@ def test_two_processes_train_and_resume_exactly(tmp_path, latent_data_dir):
     assert len(a["rng"]) == 2
     assert_same_state(a, b)
     assert loss_log(full) == loss_log(split)
+
+
+# A script run through utils.run_main with a gloo process group: its main() writes `main`, an atexit handler `atexit`,
+# and an object freed in the interpreter's finalization `finalized`, each into the file named by argv[1].
+GLOO_RUN = """
+import atexit, sys, torch
+from utils import UserError, run_main
+
+class FreedInFinalization:
+    path = sys.argv[1]
+
+    def __del__(self, open=open, print=print):  # sys.argv and the builtins may be gone by then
+        print("finalized", file=open(self.path, "a"))
+
+def main():
+    torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1] + ".store", rank=0, world_size=1)
+    print("main", file=open(sys.argv[1], "a"))
+    if sys.argv[2] == "error":
+        raise UserError("--flag is wrong")
+
+object_freed_in_finalization = FreedInFinalization()
+atexit.register(lambda: print("atexit", file=open(sys.argv[1], "a")))
+run_main(main)
+"""
+
+
+@shared_behaviour
+@pytest.mark.parametrize("outcome", ["finished", "error"])
+def test_a_gloo_run_ends_after_its_atexit_handlers_without_the_interpreters_finalization(tmp_path, outcome):
+    """torch leaves DDP's gloo process group and its threads alive, and a gloo thread meeting the finalization aborts
+    the process (utils.exit_before_finalization): the run exits with its status once its atexit handlers have run."""
+    events = tmp_path / "events"
+    result = subprocess.run([sys.executable, "-c", GLOO_RUN, str(events), outcome], cwd=TREE, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == (2 if outcome == "error" else 0), result.stderr
+    assert events.read_text().split() == ["main", "atexit"]
+    assert result.stderr.strip().splitlines()[-1:] == (["error: --flag is wrong"] if outcome == "error" else [])
 
 
 def test_torchrun_without_cpu_flag_is_refused(tmp_path, latent_data_dir):
