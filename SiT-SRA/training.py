@@ -477,7 +477,8 @@ class Trainer:
             return
         self.loss_log.flush()
         self.loss_log.progress.close()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # accelerator.end_training without its destroy_process_group,
+            tracker.finish()  # which utils.run_main does: it must see the gloo group to end the process safely
         self.logger.info(f"done: {self.steps} steps, checkpoints in {self.checkpoint_dir}")
 
     def step(self, loss_fn, moments, labels, align_w):
