@@ -152,14 +152,9 @@ def init_processes(local_rank_flag=None):
 
 def run_on_processes(generate, args, weights):
     """generate(args, procs, weights) on this process, with TF32 matmuls as --tf32 says, in the torchrun process group
-    if there is one (left however it ends)."""
+    if there is one (utils.run_main destroys it however the run ends)."""
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # cuDNN keeps PyTorch's default (TF32 on), as released
-    procs = init_processes(args.local_rank)
-    try:
-        generate(args, procs, weights)
-    finally:
-        if procs.world_size > 1:
-            dist.destroy_process_group()
+    generate(args, init_processes(args.local_rank), weights)
 
 
 # ---------------------------------------------------------------------------------------------- setup
